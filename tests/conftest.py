@@ -1,0 +1,58 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from dataset import storage
+from s3server import SeaweedS3
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A SeaweedFS S3 server on 127.0.0.1 for the whole test session."""
+    server = SeaweedS3()
+    try:
+        server.start()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket `s3://...`, with the AWS environment (and storage's client) pointed at it."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=name)
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):  # ignore ~/.aws
+        monkeypatch.setenv(var, os.devnull)
+    for var, value in s3_server.env().items():
+        monkeypatch.setenv(var, value)
+    storage.reset_s3_client()
+    yield f"s3://{name}"
+    storage.reset_s3_client()
+
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for the CPU engine
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A random-weight LLaVA built locally (nothing downloaded), shared by the whole session."""
+    from recaption.tiny import build_tiny_llava
+
+    return str(build_tiny_llava(tmp_path_factory.mktemp("tiny-llava")))
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model):
+    """One vLLM CPU engine for the session: starting one costs 30-120 s here."""
+    from recaption.engines import EngineConfig, SamplingConfig, make_engine
+
+    return make_engine(EngineConfig(tiny_model, backend="vllm", dtype="float32", max_model_len=512),
+                       SamplingConfig(max_tokens=48))

@@ -105,5 +105,10 @@ def read_ledger(out: str, shard: str) -> dict | None:
     return json.loads(storage.read_bytes(path))
 
 
-def write_ledger(out: str, shard: str, ledger: dict) -> None:
-    storage.write_bytes(ledger_path(out, shard), json.dumps(ledger, indent=1, sort_keys=True).encode())
+def write_ledger(out: str, shard: str, ledger: dict, *, replace: bool = False) -> bool:
+    """Mark the shard done. Without `replace` only the first writer wins; False means another did."""
+    data = json.dumps(ledger, indent=1, sort_keys=True).encode()
+    if replace:
+        storage.write_bytes(ledger_path(out, shard), data)
+        return True
+    return storage.put_if_absent(ledger_path(out, shard), data)

@@ -448,11 +448,13 @@ def write_recaption_outputs(out: str, shards: int, per_shard: int, *, errors_per
         write_ledger(out, shard, {
             "shard": shard, "input": f"shards/{shard}.tar", "fingerprint": fingerprint, "caption_config": config,
             "samples_in": per_shard, "rows_out": per_shard, "ok": len(samples), "error": per_shard - len(samples),
-            "duplicates": 0, "errors_by_reason": dict(reasons), "started_at": worker_clock[worker],
+            "duplicates": 0, "errors_by_reason": dict(reasons),
+            "quality": dict(Counter(f for r in rows if r["quality"] for f in r["quality"].split(","))),
+            "started_at": worker_clock[worker],
             "finished_at": worker_clock[worker] + seconds, "seconds": seconds, "images_per_s": per_shard / seconds,
             "tokens": tokens, "tokens_per_s": tokens / seconds, "worker": f"worker-{worker}", "attempt": 1,
             "files": files,
-        })
+        }, replace=True)
         worker_clock[worker] += seconds + 0.5
         totals["ok"] += len(samples)
         totals["error"] += per_shard - len(samples)

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not pipelines/ (its names shadow packages)
 
 import pyarrow.parquet as pq  # noqa: E402
 

@@ -70,7 +70,10 @@ def prepare_image(data: bytes, config: ImageConfig = ImageConfig()) -> PreparedI
             if width * height > config.max_pixels:
                 raise ImageError("bomb", f"{width}x{height} exceeds {config.max_pixels} pixels")
             if config.draft and img.format == "JPEG" and max(width, height) > config.max_side:
-                img.draft("RGB", (config.max_side, config.max_side))
+                # Ask for the aspect-preserving target: draft keeps both sides >= the request, so a
+                # square (max_side, max_side) request would block any reduction of non-square images.
+                scale = config.max_side / max(width, height)
+                img.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
             img.load()
     except ImageError:
         raise

@@ -94,12 +94,13 @@ def wds_sample(p: Prepared, row: dict) -> outputs.WdsSample:
 
 def recaption_shard(path: str, out: str, engine: CaptionEngine, prompts: PromptBuilder, job: CaptionJob, *,
                     attempt: int = 1, engine_lock: threading.Lock | None = None,
-                    previous_rows: list[dict] | None = None) -> dict:
+                    previous_rows: list[dict] | None = None, replace: bool = False) -> dict:
     """Caption every sample of one shard, write its outputs and ledger, and return the ledger.
 
     With `previous_rows` (from a done shard), only their `status='error'` keys are captioned again;
     the other rows are kept as they were. `engine_lock` lets two calls share one engine: the second
-    prepares its first chunks while the first still generates.
+    prepares its first chunks while the first still generates. `replace` overwrites an existing
+    ledger (retries, new versions); otherwise the first ledger written wins.
     """
     started = time.time()
     shard = read_shard(path)
@@ -121,7 +122,7 @@ def recaption_shard(path: str, out: str, engine: CaptionEngine, prompts: PromptB
     if job.write_wds and previous_rows is not None:
         wds = keep_wds_order(rows, wds, shard)
     return write_outputs(out, shard, rows, list(wds.values()), job, started=started,
-                         generate_seconds=generate_seconds, attempt=attempt)
+                         generate_seconds=generate_seconds, attempt=attempt, replace=replace)
 
 
 def keep_wds_order(rows: list[dict], fresh: dict[str, outputs.WdsSample], shard: InputShard) -> dict:
@@ -139,8 +140,12 @@ def keep_wds_order(rows: list[dict], fresh: dict[str, outputs.WdsSample], shard:
 
 
 def write_outputs(out: str, shard: InputShard, rows: list[dict], wds: list[outputs.WdsSample], job: CaptionJob, *,
-                  started: float, generate_seconds: float, attempt: int) -> dict:
-    """Parquet, then WDS, then the ledger last: the ledger's presence means the shard is done."""
+                  started: float, generate_seconds: float, attempt: int, replace: bool) -> dict:
+    """Parquet, then WDS, then the ledger last: the ledger's presence means the shard is done.
+
+    Without `replace` the ledger is created only if absent; `written` in the result says whether
+    this call's ledger is the one on storage (False: another writer finished the shard first).
+    """
     files = {"parquet": {"path": outputs.parquet_path(out, shard.name)}}
     files["parquet"]["bytes"] = outputs.write_parquet(rows, files["parquet"]["path"])
     if job.write_wds:
@@ -161,7 +166,7 @@ def write_outputs(out: str, shard: InputShard, rows: list[dict], wds: list[outpu
         "images_per_s": len(rows) / seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
         "worker": f"{socket.gethostname()}:{os.getpid()}", "attempt": attempt, "files": files,
     }
-    outputs.write_ledger(out, shard.name, ledger)
+    ledger["written"] = outputs.write_ledger(out, shard.name, ledger, replace=replace)
     return ledger
 
 

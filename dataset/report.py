@@ -21,7 +21,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dataset import finished, storage  # noqa: E402
+from dataset import finished, outputs, storage  # noqa: E402
 from dataset.card import SAMPLING_KEYS  # noqa: E402
 from dataset.stats import LengthStats  # noqa: E402
 
@@ -32,6 +32,7 @@ ROW_COLUMNS = ["key", "status", "error", "finish_reason", "num_tokens", "quality
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1240px; }
+.card, td { overflow-wrap: anywhere; }
 h1 { font-size: 22px; } h2 { font-size: 18px; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }
 table { border-collapse: collapse; font-size: 13px; }
 td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
@@ -214,6 +215,9 @@ def throughput_section(run: finished.FinishedRun) -> str:
                    table(["worker", "shards", "rows", "busy s", "images/s", "tokens/s"], rows))
 
 
+ROW_SCHEMA_SUBSET = pa.schema([outputs.ROW_SCHEMA.field(name) for name in ROW_COLUMNS])
+
+
 def build_report(out: str, *, samples: int = 24, sample_shards: int = 200, fingerprint: str | None = None) -> str:
     """The report's HTML for the done shards of OUT."""
     run = finished.load(out, fingerprint)
@@ -224,7 +228,8 @@ def build_report(out: str, *, samples: int = 24, sample_shards: int = 200, finge
     rows: dict[str, dict] = {}
     examples: list[dict] = []
     for shard in shards:
-        shard_rows = pa.Table.from_batches(list(finished.iter_batches(run.parquet(shard), ROW_COLUMNS)))
+        shard_rows = pa.Table.from_batches(list(finished.iter_batches(run.parquet(shard), ROW_COLUMNS)),
+                                           schema=ROW_SCHEMA_SUBSET)
         ok = shard_rows.filter(pc.equal(shard_rows["status"], "ok"))
         org.add(ok["org_length"])
         re.add(ok["re_length"])

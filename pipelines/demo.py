@@ -1,4 +1,8 @@
-"""The whole loop on this machine with a tiny random-weight LLaVA: synthesize -> recaption -> show rows."""
+"""The whole loop on this machine with a tiny random-weight LLaVA (nothing downloaded):
+
+synthesize DataComp-like metadata -> serve the images on loopback -> download with img2dataset
+-> recaption on vLLM in a Ray actor -> publish a Hub-ready folder -> write the HTML report.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,12 +14,15 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not pip
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from dataset import outputs  # noqa: E402
-from dataset.synthetic import write_shards  # noqa: E402
-from recaption.engines import EngineConfig, SamplingConfig, make_engine  # noqa: E402
+from dataset import outputs, storage  # noqa: E402
+from dataset.ingest import download  # noqa: E402
+from dataset.publish import publish  # noqa: E402
+from dataset.report import write_report  # noqa: E402
+from dataset.synthetic import serving, write_metadata  # noqa: E402
+from recaption.driver import RunConfig, run  # noqa: E402
+from recaption.engines import EngineConfig, SamplingConfig  # noqa: E402
 from recaption.job import CaptionJob  # noqa: E402
-from recaption.prompt import DEFAULT_PROMPT, PromptBuilder  # noqa: E402
-from recaption.shard import recaption_shards  # noqa: E402
+from recaption.prompt import DEFAULT_PROMPT  # noqa: E402
 from recaption.tiny import build_tiny_llava  # noqa: E402
 
 
@@ -24,43 +31,58 @@ def clip(text: str | None, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def show_rows(out: str, shards: list[str], limit: int = 8) -> None:
-    rows = [r for s in shards for r in pq.read_table(outputs.parquet_path(out, s)).to_pylist()]
-    picked = [r for r in rows if r["status"] == "ok"][: limit - 3] + [r for r in rows if r["status"] == "error"][:3]
-    print(f"\n{'key':<10} | {'web caption':<28} | {'recaption':<44} | status")
+def show_rows(out: str, limit: int = 8) -> None:
+    rows = [r for path in storage.list_files(storage.join(out, outputs.PARQUET_DIR), ".parquet")
+            for r in pq.read_table(path).to_pylist()]
+    picked = [r for r in rows if r["status"] == "ok"][:limit]
+    print(f"\n{'key':<10} | {'web caption':<28} | {'recaption (random-weight model)':<44} | status")
     print("-" * 100)
     for r in picked:
-        recap = r["re_caption"] if r["status"] == "ok" else r["error"]
-        print(f"{r['key']:<10} | {clip(r['org_caption'], 28):<28} | {clip(recap, 44):<44} | "
+        print(f"{r['key']:<10} | {clip(r['org_caption'], 28):<28} | {clip(r['re_caption'], 44):<44} | "
               f"{r['status']} {r['quality'] or ''}")
     ok = sum(r["status"] == "ok" for r in rows)
-    print(f"\n{len(rows)} rows: {ok} ok, {len(rows) - ok} error")
+    print(f"{len(rows)} rows: {ok} ok, {len(rows) - ok} error")
+
+
+def step(title: str) -> None:
+    print(f"\n=== {title}", flush=True)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--per-shard", type=int, default=24)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes (rebuilt each run)")
+    p.add_argument("--images", type=int, default=48, help="good image urls to synthesize")
     a = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    root = Path(a.out)
+    root = Path(a.out).resolve()
     model = root / "tiny-llava"
     if not (model / "config.json").exists():
         build_tiny_llava(model)
-    shards_dir = root / "shards"
-    infos = write_shards(shards_dir, shards=2, per_shard=a.per_shard, bad=True)
-    print(f"synthesized {len(infos)} shards in {shards_dir} (with one of each bad sample kind)")
+
+    with serving(root / "web", hang_seconds=8) as server:
+        step(f"1. DataComp-like metadata whose urls point at {server.url} (some answer 404, hang or serve garbage)")
+        meta = write_metadata(root / "web", files=1, per_file=a.images, url_base=server.url, bad=True)
+        print(f"{meta['good']} good urls, injected failures: {sorted(set(meta['injected'].values()))}")
+        step("2. download with img2dataset (DataComp settings, 24 samples per shard)")
+        summary = download(meta["files"][0], str(root / "shards"), processes=1, threads=8,
+                           number_sample_per_shard=24, timeout=3)
+        print("\n".join(summary.lines()))
+
+    step("3. recaption on vLLM (CPU) in a Ray actor")
     out = str(root / "recaptioned")
     job = CaptionJob(EngineConfig(str(model), dtype="float32", max_model_len=512), SamplingConfig(max_tokens=64),
                      prompt=DEFAULT_PROMPT)
-    engine = make_engine(job.engine, job.sampling)
-    paths = [str(shards_dir / f"{i['shard']}.tar") for i in infos]
-    ledgers = recaption_shards(paths, out, engine, PromptBuilder(engine.processor, job.prompt), job)
-    for ledger in ledgers:
-        print(f"shard {ledger['shard']}: {ledger['ok']} ok, {ledger['error']} error, "
-              f"{ledger['images_per_s']:.1f} images/s -> {ledger['files']['parquet']['path']}")
-    print(f"outputs: {out}/parquet, {out}/wds, {out}/_ledger")
-    show_rows(out, [i["shard"] for i in infos])
+    code = run(RunConfig(input=str(root / "shards"), output=out, job=job, num_workers=1, progress_every=10))
+    if code != 0:
+        sys.exit(code)
+    show_rows(out)
+
+    step("4. publish a Hub-ready folder (train + preview splits, dataset card)")
+    publish(out, str(root / "published"), target_bytes=1 << 20)
+    step("5. report")
+    write_report(out, str(root / "report.html"))
+    print(f"\noutputs:\n  shards      {root / 'shards'}\n  recaptioned {out}/{{parquet,wds,_ledger}}\n"
+          f"  published   {root / 'published'} (README.md is the dataset card)\n  report      {root / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m = p.add_argument_group("model and decoding")
     m.add_argument("--model", required=True, help="Hugging Face id or local folder of a LLaVA-style model")
     m.add_argument("--revision", help="model revision (commit) to pin; recorded in the fingerprint")
-    m.add_argument("--backend", choices=["vllm", "transformers"], default="vllm",
-                   help="vllm for production; transformers is the slow reference")
+    m.add_argument("--backend", choices=["vllm", "transformers", "null"], default="vllm",
+                   help="vllm for production; transformers is the slow reference; null answers a fixed caption "
+                        "instantly (measures the data plane)")
     m.add_argument("--prompt", help="instruction text or a file holding it; may use {org_caption}. "
                                     "Default: Recap-DataComp-1B's detailed-caption prompt")
     m.add_argument("--max-tokens", type=int, default=128, help="new tokens per caption (Recap-DataComp-1B: 128)")

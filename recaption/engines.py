@@ -22,7 +22,7 @@ class SamplingConfig:
 class EngineConfig:
     model: str
     revision: str | None = None
-    backend: str = "vllm"           # 'vllm' | 'transformers'
+    backend: str = "vllm"           # 'vllm' | 'transformers' | 'null' (no model: data-plane runs)
     dtype: str = "auto"
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
@@ -143,8 +143,20 @@ class TransformersEngine:
         return Generation(self.processor.tokenizer.decode(ids, skip_special_tokens=True), ids, "length")
 
 
+class NullEngine:
+    """Answers every image with one fixed caption at once: measures the data plane without a model."""
+
+    CAPTION = "A fixed caption from the null engine."
+
+    def __init__(self, config: EngineConfig, sampling: SamplingConfig):
+        self.processor = load_processor(config)
+
+    def generate(self, prompts: list[str], images: list[Image.Image]) -> list[Generation]:
+        return [Generation(self.CAPTION, [1, 2, 3], "stop") for _ in prompts]
+
+
 def make_engine(config: EngineConfig, sampling: SamplingConfig) -> CaptionEngine:
-    engines = {"vllm": VllmEngine, "transformers": TransformersEngine}
+    engines = {"vllm": VllmEngine, "transformers": TransformersEngine, "null": NullEngine}
     if config.backend not in engines:
         raise ValueError(f"unknown backend {config.backend!r}; choose one of {sorted(engines)}")
     return engines[config.backend](config, sampling)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
-from dataset import ingest
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not pipelines/ (its names shadow packages)
+
+from dataset import ingest  # noqa: E402
 
 D = ingest.DATACOMP_SETTINGS
 

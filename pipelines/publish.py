@@ -8,8 +8,12 @@ HF_TOKEN or `hf auth login`, endpoint from HF_ENDPOINT).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from dataset import publish
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not pipelines/ (its names shadow packages)
+
+from dataset import publish  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,8 +6,12 @@ histograms web vs recaption, errors by reason with examples, and throughput per 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from dataset import report
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not pipelines/ (its names shadow packages)
+
+from dataset import report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,32 @@
+"""Export a training checkpoint as an open_clip model folder.
+
+  python pipelines/export.py --checkpoint RUN/checkpoints/step_00001000.pt --out DIR
+  # then, with no code of ours:
+  #   open_clip.create_model_and_transforms('local-dir:DIR'); open_clip.get_tokenizer('local-dir:DIR')
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from train.export import export  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--image-size", type=int,
+                   help="resolution the exported position table is written for (default: the training size)")
+    p.add_argument("--hub-id", help="Hub repo id recorded as the tokenizer source for hf-hub: loading "
+                                    "(default: the folder name; local-dir: loading ignores it)")
+    a = p.parse_args(argv)
+    print(f"wrote {export(a.checkpoint, a.out, a.image_size, a.hub_id)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -48,6 +48,9 @@ class CaptionEngine(Protocol):
     def generate(self, prompts: list[str], images: list[Image.Image]) -> list[Generation]:
         """One generation per (prompt, image) pair, in order."""
 
+    def close(self) -> None:
+        """Release the engine's processes and memory."""
+
 
 def fingerprint(engine: EngineConfig, sampling: SamplingConfig, prompt: str, image_config: dict) -> str:
     """Hash of everything that changes a caption: model + revision, prompt, sampling, preprocessing."""
@@ -79,6 +82,10 @@ class VllmEngine:
             max_tokens=sampling.max_tokens, temperature=sampling.temperature,
             top_k=sampling.top_k if sampling.top_k > 0 else -1, top_p=sampling.top_p, seed=sampling.seed,
         )
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core process now; left to interpreter exit it can hang the exit."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def generate(self, prompts: list[str], images: list[Image.Image]) -> list[Generation]:
         requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
@@ -113,6 +120,9 @@ class TransformersEngine:
         if self.processor.tokenizer.eos_token_id is not None:
             ids.add(self.processor.tokenizer.eos_token_id)
         return ids
+
+    def close(self) -> None:
+        del self.model
 
     def generate(self, prompts: list[str], images: list[Image.Image]) -> list[Generation]:
         results: list[Generation] = []
@@ -150,6 +160,9 @@ class NullEngine:
 
     def __init__(self, config: EngineConfig, sampling: SamplingConfig):
         self.processor = load_processor(config)
+
+    def close(self) -> None:
+        pass
 
     def generate(self, prompts: list[str], images: list[Image.Image]) -> list[Generation]:
         return [Generation(self.CAPTION, [1, 2, 3], "stop") for _ in prompts]

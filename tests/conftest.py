@@ -54,5 +54,7 @@ def vllm_engine(tiny_model):
     """One vLLM CPU engine for the session: starting one costs 30-120 s here."""
     from recaption.engines import EngineConfig, SamplingConfig, make_engine
 
-    return make_engine(EngineConfig(tiny_model, backend="vllm", dtype="float32", max_model_len=512),
-                       SamplingConfig(max_tokens=48))
+    engine = make_engine(EngineConfig(tiny_model, backend="vllm", dtype="float32", max_model_len=512),
+                         SamplingConfig(max_tokens=48))
+    yield engine
+    engine.close()

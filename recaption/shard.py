@@ -39,24 +39,44 @@ def prepare_sample(sample: InputSample, job: CaptionJob) -> Prepared:
 
 def prepared_chunks(shard: InputShard, job: CaptionJob, only_keys: set[str] | None = None,
                     depth: int = 2) -> Iterator[list[Prepared]]:
-    """Decode images in a background thread, `depth` chunks ahead of the consumer."""
+    """Start decoding images in a background thread now, up to `depth` chunks ahead of the consumer."""
     samples = [s for s in shard.samples if only_keys is None or s.key in only_keys]
     chunks: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    stop = threading.Event()  # set when the consumer goes away early (an engine error)
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for start in range(0, len(samples), job.chunk_size):
-                chunks.put([prepare_sample(s, job) for s in samples[start:start + job.chunk_size]])
+                if not put([prepare_sample(s, job) for s in samples[start:start + job.chunk_size]]):
+                    return
         except BaseException as e:  # surfaced in the consumer, never swallowed
-            chunks.put(e)
-        chunks.put(done)
+            put(e)
+        put(_DONE)
 
     threading.Thread(target=produce, daemon=True, name=f"prepare-{shard.name}").start()
-    while (item := chunks.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    return _drain(chunks, stop)
+
+
+_DONE = object()
+
+
+def _drain(chunks: queue.Queue, stop: threading.Event) -> Iterator[list[Prepared]]:
+    try:
+        while (item := chunks.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def build_row(p: Prepared, gen: Generation | None, shard: str, fp: str) -> dict:
@@ -109,8 +129,9 @@ def recaption_shard(path: str, out: str, engine: CaptionEngine, prompts: PromptB
     new_rows: dict[str, dict] = {}
     wds: dict[str, outputs.WdsSample] = {}
     generate_seconds = 0.0
+    chunks = prepared_chunks(shard, job, retry_keys)  # decoding starts before we wait for the engine
     with engine_lock or nullcontext():
-        for chunk in prepared_chunks(shard, job, retry_keys):
+        for chunk in chunks:
             t0 = time.time()
             gens = caption_chunk(chunk, engine, prompts)
             generate_seconds += time.time() - t0

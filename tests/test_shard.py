@@ -56,7 +56,7 @@ def test_bad_samples_become_error_rows_and_nothing_is_lost(tmp_path, vllm_engine
     assert {s["__key__"] for s in samples} == ok_keys
     assert all(s["re_caption.txt"].decode() == by_key[s["__key__"]]["re_caption"] for s in samples)
 
-    assert ledger == json.loads(Path(outputs.ledger_path(out, "00000")).read_text())
+    assert ledger == {**json.loads(Path(outputs.ledger_path(out, "00000")).read_text()), "written": True}
     assert ledger["ok"] + ledger["error"] == len(rows) and ledger["error"] == 5
     assert not [p for p in Path(out).rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
 

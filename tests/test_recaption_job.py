@@ -96,7 +96,8 @@ def test_worker_killed_mid_shard_is_retried_elsewhere(tmp_path, tiny_model):
     assert marker.exists(), "the fault hook should have fired"
     assert result.returncode == 0
     assert sorted(output_keys(out)) == input_keys(infos)
-    assert sorted(l["attempt"] for l in ledgers(out).values()) == [1, 1, 2]
+    attempts = sorted(l["attempt"] for l in ledgers(out).values())
+    assert attempts in ([1, 1, 2], [1, 2, 2]), "the dead worker's one or two shards in flight ran again"
     assert "re-queued" in result.stderr
 
 

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
 
 from train.evaluate import evaluate  # noqa: E402
 

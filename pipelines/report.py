@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not pipelines/ (its names shadow packages)
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
 
 from dataset import report  # noqa: E402
 

@@ -19,7 +19,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
 
 from train.loop import TrainConfig, train  # noqa: E402
 from train.stages import run_stages  # noqa: E402

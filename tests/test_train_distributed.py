@@ -1,0 +1,79 @@
+"""Two gloo processes with half the batch each == one process with the whole batch."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from train.distributed import all_reduce_sum
+from train.loop import forward_loss
+from train.model import build_model, model_config
+
+BATCH = 8  # global
+
+
+def global_batch() -> dict[str, torch.Tensor]:
+    """Fixed samples with uneven caption lengths, so per-rank token counts differ."""
+    g = torch.Generator().manual_seed(0)
+    texts = torch.randint(103, 500, (2 * BATCH, 12), generator=g)
+    texts[:, -1] = 101
+    captions = torch.randint(103, 500, (BATCH, 11), generator=g)
+    for i in range(BATCH):
+        texts[i, 3 + i % 5:-1] = 0
+        captions[i, 2 + i:] = 0
+    return {"images": torch.randn(BATCH, 3, 32, 32, generator=g), "texts": texts, "captions": captions}
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    n = BATCH // world
+    rows = slice(rank * n, (rank + 1) * n)
+    web, sub = batch["texts"][:BATCH], batch["texts"][BATCH:]
+    return {"images": batch["images"][rows], "texts": torch.cat([web[rows], sub[rows]]),
+            "captions": batch["captions"][rows]}
+
+
+def loss_and_grads(rank: int, world: int, loss: str) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    cfg = model_config("Ti/16", depth=1, context_length=12, caption_length=10, vocab_size=512, loss=loss)
+    model = build_model(cfg)
+    net = DistributedDataParallel(model) if world > 1 else model
+    value, _ = forward_loss(net, shard(global_batch(), rank, world), cfg)
+    value.backward()
+    mean = all_reduce_sum(value) / world
+    return mean.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+LOSSES = ("softmax", "sigmoid")
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for loss in LOSSES:
+        torch.save(loss_and_grads(rank, world, loss), Path(out) / f"{loss}-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path: Path) -> None:
+    """Softmax and sigmoid losses: same loss, same gradients on every parameter and rank."""
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for loss in LOSSES:
+        single_loss, single_grads = loss_and_grads(0, 1, loss)
+        for rank in range(2):
+            two_loss, two_grads = torch.load(tmp_path / f"{loss}-rank{rank}.pt")
+            assert two_loss == pytest.approx(single_loss, rel=1e-5), loss
+            for name, grad in single_grads.items():
+                torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-7, msg=f"{loss} {name}")

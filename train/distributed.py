@@ -1,0 +1,81 @@
+"""Process-group setup (torchrun, Ray Train or a single process) and the collectives we use."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool  # we created the process group (torchrun), so we tear it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> Context:
+    """Join the process group Ray Train made, or create one under torchrun, or run alone."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    owns = False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        owns = True
+    if dist.is_initialized():
+        return Context(dist.get_rank(), dist.get_world_size(), device, owns)
+    return Context(0, 1, device, False)
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0; gradients flow back to each rank's rows."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, no gradient (counts, logged values)."""
+    x = x.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

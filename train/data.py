@@ -206,5 +206,7 @@ class ShardStream(IterableDataset):
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool) -> DataLoader:
+    """A loader over `stream`; its own generator keeps worker seeding off the global torch RNG,
+    so starting a loader on resume does not shift the model's random draws."""
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=2 if workers else None)
+                      prefetch_factor=2 if workers else None, generator=torch.Generator())

@@ -27,8 +27,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PY) benchmarks/engine_throughput.py
-	$(PY) benchmarks/image_prep.py
+	$(PY) -m benchmarks.engine_throughput
+	$(PY) -m benchmarks.image_prep
 
 clean:
 	rm -rf $(DEMO) bench_out .pytest_cache

@@ -21,8 +21,8 @@ second is the steadier figure when other programs share the core. Ray stays up f
 both pay its idle cost. Each side runs once untimed on one shard (imports, worker start), then
 --repeats times alternately; the run with the best images/s of each side counts.
 
-    python benchmarks/data_plane.py                      # 8 shards x 200 JPEGs of 512 px, max side 336
-    python benchmarks/data_plane.py --max-side 1024      # the job's default: no downscaling of 512 px
+    python -m benchmarks.data_plane                      # 8 shards x 200 JPEGs of 512 px, max side 336
+    python -m benchmarks.data_plane --max-side 1024      # the job's default: no downscaling of 512 px
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ images/s and tokens/s of each, the vLLM/transformers ratio, and whether the gree
 On a shared machine the transformers figure depends strongly on --torch-threads: torch's
 OpenMP threads spin-wait, so with every core busy elsewhere 1 thread can beat all of them.
 
-    VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=WARNING python benchmarks/engine_throughput.py
+    VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=WARNING python -m benchmarks.engine_throughput
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ lighting gradient and sensor-like noise so file sizes resemble photos): DataComp
 (draft=True), in one process on one thread, so images/s is per core. The ratio is the speedup
 of draft mode over full decoding on the same bytes.
 
-    python benchmarks/image_prep.py                 # 1000 small + 200 large, max side 1024
-    python benchmarks/image_prep.py --max-side 336  # what a 336 px vision tower needs
+    python -m benchmarks.image_prep                 # 1000 small + 200 large, max side 1024
+    python -m benchmarks.image_prep --max-side 336  # what a 336 px vision tower needs
 """
 from __future__ import annotations
 

@@ -18,30 +18,28 @@ Prints images/s, the ratios job/bare, and where the job's span went: time inside
 when the engine had nothing to do (the first shard's read and decode, decoding the next shard,
 writing the last one, Ray round trips).
 
-    VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=WARNING python benchmarks/job_overhead.py
+    VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=WARNING python -m benchmarks.job_overhead
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # pipelines/ is not an installed package
 
-from dataset.shards import read_shard  # noqa: E402
-from dataset.synthetic import write_shards  # noqa: E402
-from pipelines.recaption import config_from_args, parse_args  # noqa: E402
-from recaption import driver  # noqa: E402
-from recaption.engines import VllmEngine  # noqa: E402
-from recaption.prompt import PromptBuilder  # noqa: E402
-from recaption.shard import prepare_sample  # noqa: E402
-from recaption.tiny import build_tiny_llava  # noqa: E402
+from dataset.shards import read_shard
+from dataset.synthetic import write_shards
+from pipelines.recaption import config_from_args, parse_args
+from recaption import driver
+from recaption.engines import VllmEngine
+from recaption.prompt import PromptBuilder
+from recaption.shard import prepare_sample
+from recaption.tiny import build_tiny_llava
 
 
 @dataclass

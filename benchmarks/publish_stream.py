@@ -4,7 +4,7 @@ Builds a synthetic finished run (no model), publishes it to a temporary folder, 
 same Parquet whole with pyarrow as the baseline, all in one process. Reports ratios:
 publish time / plain read time, and publish's Arrow memory peak / the whole table's size.
 
-    python benchmarks/publish_stream.py --shards 10 --per-shard 10000
+    python -m benchmarks.publish_stream --shards 10 --per-shard 10000
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Data-loader throughput: images/s of the training stream, and per loader core.
 
-  python benchmarks/train_dataloader.py --image-size 160 --batch-size 64 --workers 0 1 2
+  python -m benchmarks.train_dataloader --image-size 160 --batch-size 64 --workers 0 1 2
 
 Writes synthetic recaptioned shards (JPEGs of --source-size px) to a temporary folder, then
 reads them through `ShardStream` + `DataLoader` exactly as training does (decode, inception crop,
@@ -10,16 +10,12 @@ in the main process, so it also measures one core.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataset.synthetic import write_recaptioned_wds  # noqa: E402
-from train.data import ShardStream, expand_urls, make_loader, read_captions  # noqa: E402
-from train.tokenizer import CaptionTokenizer  # noqa: E402
+from dataset.synthetic import write_recaptioned_wds
+from train.data import ShardStream, expand_urls, make_loader, read_captions
+from train.tokenizer import CaptionTokenizer
 
 
 def images_per_second(stream: ShardStream, workers: int, batches: int) -> float:

@@ -1,6 +1,6 @@
 """Training-step throughput (images/s): our model next to open_clip's model of the same size.
 
-  python benchmarks/train_throughput.py --model Ti/16 --image-size 160 --batch-size 32
+  python -m benchmarks.train_throughput --model Ti/16 --image-size 160 --batch-size 32
 
 Both sides run the same towers (open_clip's CLIP is built from our export config), one text
 view, softmax contrastive loss, AdamW, in one process and one after the other per round, so
@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
 
-import open_clip  # noqa: E402
-import torch  # noqa: E402
-from open_clip.loss import ClipLoss  # noqa: E402
-
-from train.export import open_clip_config  # noqa: E402
-from train.loop import forward_loss  # noqa: E402
-from train.losses import softmax_contrastive  # noqa: E402
-from train.model import build_model, model_config  # noqa: E402
-from train.tokenizer import CaptionTokenizer  # noqa: E402
+from train.export import open_clip_config
+from train.loop import forward_loss
+from train.losses import softmax_contrastive
+from train.model import build_model, model_config
+from train.tokenizer import CaptionTokenizer
 
 
 def make_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:

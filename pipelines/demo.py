@@ -5,26 +5,25 @@ synthesize DataComp-like metadata -> serve the images on loopback -> download wi
 """
 from __future__ import annotations
 
+import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
+
 import argparse
 import os
 import sys
 from pathlib import Path
 
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
+import pyarrow.parquet as pq
 
-import pyarrow.parquet as pq  # noqa: E402
-
-from dataset import outputs, storage  # noqa: E402
-from dataset.ingest import download  # noqa: E402
-from dataset.publish import publish  # noqa: E402
-from dataset.report import write_report  # noqa: E402
-from dataset.synthetic import serving, write_metadata  # noqa: E402
-from recaption.driver import RunConfig, run  # noqa: E402
-from recaption.engines import EngineConfig, SamplingConfig  # noqa: E402
-from recaption.job import CaptionJob  # noqa: E402
-from recaption.prompt import DEFAULT_PROMPT  # noqa: E402
-from recaption.tiny import build_tiny_llava  # noqa: E402
+from dataset import outputs, storage
+from dataset.ingest import download
+from dataset.publish import publish
+from dataset.report import write_report
+from dataset.synthetic import serving, write_metadata
+from recaption.driver import RunConfig, run
+from recaption.engines import EngineConfig, SamplingConfig
+from recaption.job import CaptionJob
+from recaption.prompt import DEFAULT_PROMPT
+from recaption.tiny import build_tiny_llava
 
 
 def clip(text: str | None, width: int) -> str:
@@ -49,11 +48,11 @@ def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes (rebuilt each run)")
     p.add_argument("--images", type=int, default=48, help="good image urls to synthesize")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     root = Path(a.out).resolve()
     model = root / "tiny-llava"

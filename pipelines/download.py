@@ -6,15 +6,12 @@ bigger, 10,000 samples per shard, uid kept). Rerunning the same command resumes:
 """
 from __future__ import annotations
 
+import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
+
 import argparse
 import os
-import sys
-from pathlib import Path
 
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
-
-from dataset import ingest  # noqa: E402
+from dataset import ingest
 
 D = ingest.DATACOMP_SETTINGS
 

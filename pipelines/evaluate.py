@@ -7,16 +7,13 @@ Prints top-1/top-5 and R@1/5/10 in both directions, and writes them as JSON.
 """
 from __future__ import annotations
 
+import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
+
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
-
-from train.evaluate import evaluate  # noqa: E402
+from train.evaluate import evaluate
 
 
 def main(argv: list[str] | None = None) -> None:

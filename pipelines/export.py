@@ -6,15 +6,11 @@
 """
 from __future__ import annotations
 
+import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
+
 import argparse
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
-
-from train.export import export  # noqa: E402
+from train.export import export
 
 
 def main(argv: list[str] | None = None) -> None:

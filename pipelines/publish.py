@@ -7,14 +7,11 @@ HF_TOKEN or `hf auth login`, endpoint from HF_ENDPOINT).
 """
 from __future__ import annotations
 
+import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
+
 import argparse
-import sys
-from pathlib import Path
 
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
-
-from dataset import publish  # noqa: E402
+from dataset import publish
 
 
 def main(argv: list[str] | None = None) -> None:

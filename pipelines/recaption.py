@@ -6,18 +6,16 @@
 """
 from __future__ import annotations
 
+import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
+
 import argparse
 import sys
-from pathlib import Path
 
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
-
-from recaption.driver import RunConfig, run  # noqa: E402
-from recaption.engines import EngineConfig, SamplingConfig  # noqa: E402
-from recaption.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageConfig  # noqa: E402
-from recaption.job import CaptionJob  # noqa: E402
-from recaption.prompt import load_prompt  # noqa: E402
+from recaption.driver import RunConfig, run
+from recaption.engines import EngineConfig, SamplingConfig
+from recaption.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageConfig
+from recaption.job import CaptionJob
+from recaption.prompt import load_prompt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,5 +79,9 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                      progress_every=a.progress_every)
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run(config_from_args(parse_args(argv)))
+
+
 if __name__ == "__main__":
-    sys.exit(run(config_from_args(parse_args())))
+    sys.exit(main())

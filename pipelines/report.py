@@ -5,14 +5,11 @@ histograms web vs recaption, errors by reason with examples, and throughput per 
 """
 from __future__ import annotations
 
+import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
+
 import argparse
-import sys
-from pathlib import Path
 
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
-
-from dataset import report  # noqa: E402
+from dataset import report
 
 
 def main(argv: list[str] | None = None) -> None:

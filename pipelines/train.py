@@ -12,18 +12,17 @@ RUN/metrics.jsonl, RUN/tensorboard and RUN/loss.png.
 """
 from __future__ import annotations
 
+import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
+
 import argparse
 import os
-import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [  # the repo root first, and not pipelines/:
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # its names shadow packages
+from train.loop import TrainConfig, train
+from train.stages import run_stages
 
-from train.loop import TrainConfig, train  # noqa: E402
-from train.stages import run_stages  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 D = TrainConfig(data="", out="")
 

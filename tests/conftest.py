@@ -5,9 +5,9 @@ import os
 import uuid
 
 import pytest
+from s3server import SeaweedS3
 
 from dataset import storage
-from s3server import SeaweedS3
 
 
 @pytest.fixture(scope="session")

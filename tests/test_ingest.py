@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import io
-import runpy
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 from PIL import Image
 
 from dataset import ingest, synthetic
 from dataset.shards import read_shard
-
-CLI = Path(__file__).resolve().parents[1] / "pipelines" / "download.py"
+from pipelines import download as download_cli
 
 FILES, PER_FILE, TIMEOUT_S = 2, 8, 2
 
@@ -59,10 +55,9 @@ def test_download_counts_layout_and_resume(tmp_path, capsys, monkeypatch):
         kept = (out / "00000.tar").stat().st_mtime_ns
         for suffix in (".tar", ".parquet", "_stats.json"):
             (out / f"00001{suffix}").unlink()
-        monkeypatch.setattr(sys, "argv", [str(CLI), "--url-list", str(src / "metadata"), "--output", str(out),
+        download_cli.main(["--url-list", str(src / "metadata"), "--output", str(out),
                                           "--processes", "1", "--threads", "16", "--samples-per-shard", "11",
                                           "--timeout", str(TIMEOUT_S)])
-        runpy.run_path(str(CLI), run_name="__main__")
     assert (out / "00000.tar").stat().st_mtime_ns == kept
     assert (out / "00001.tar").exists()
     printed = capsys.readouterr().out

@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import fnmatch
-import runpy
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from hubstub import HubStub
 
 from dataset import publish, storage, synthetic
 from dataset.outputs import ledger_path, parquet_path, read_ledger, write_ledger
-from hubstub import HubStub
+from pipelines import publish as publish_cli
 
-CLI = Path(__file__).resolve().parents[1] / "pipelines" / "publish.py"
 SHARDS, PER_SHARD, ERRORS = 3, 400, 4
 KB = 1000
 
@@ -111,9 +109,8 @@ def test_nested_folders_past_files_per_folder(out, tmp_path):
 def test_dry_run_prints_plan_and_writes_nothing(out, tmp_path, capsys, monkeypatch):
     src, _ = out
     dest = tmp_path / "dest"
-    monkeypatch.setattr(sys, "argv", [str(CLI), "--input", src, "--dest", str(dest), "--dry-run",
+    publish_cli.main(["--input", src, "--dest", str(dest), "--dry-run",
                                       "--target-file-mb", "0.02"])
-    runpy.run_path(str(CLI), run_name="__main__")
     printed = capsys.readouterr().out
     assert "data/train-00002-of-00003.parquet" in printed and "data/preview-00000-of-00001.parquet" in printed
     assert not dest.exists()

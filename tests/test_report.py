@@ -4,16 +4,13 @@ from __future__ import annotations
 import base64
 import io
 import re
-import runpy
-import sys
 from html.parser import HTMLParser
-from pathlib import Path
 
 from PIL import Image
 
 from dataset import synthetic
+from pipelines import report as report_cli
 
-CLI = Path(__file__).resolve().parents[1] / "pipelines" / "report.py"
 SECTIONS = ["summary", "samples", "caption-lengths", "errors", "throughput"]
 
 
@@ -39,8 +36,7 @@ class Page(HTMLParser):
 def test_report_has_every_section_inline(tmp_path, capsys, monkeypatch):
     out, html_path = tmp_path / "out", tmp_path / "report.html"
     synthetic.write_recaption_outputs(str(out), 3, 40, errors_per_shard=4)
-    monkeypatch.setattr(sys, "argv", [str(CLI), "--input", str(out), "--out", str(html_path), "--samples", "10"])
-    runpy.run_path(str(CLI), run_name="__main__")
+    report_cli.main(["--input", str(out), "--out", str(html_path), "--samples", "10"])
     assert f"wrote {html_path}" in capsys.readouterr().out
 
     text = html_path.read_text()

@@ -5,7 +5,6 @@ import os
 import tarfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 

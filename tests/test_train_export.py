@@ -1,7 +1,6 @@
 """An exported folder loads in open_clip with no code of ours and gives our embeddings."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,19 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dataset.synthetic import write_imagefolder, write_recaptioned_wds
+from pipelines import export as export_cli
 from train.data import eval_transform
 from train.evaluate import Evaluator
 from train.loop import TrainConfig, train
-
-
-def pipeline(name: str):
-    """Import pipelines/NAME.py (a script folder, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"pipelines_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 TEXTS = ["a red circle", "Photo of a BLUE square on a white background!!", "a green &amp; yellow ring",
          " ".join(["a purple cross"] * 40)]  # the last one is truncated
@@ -45,7 +35,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 def test_open_clip_loads_the_export_and_matches(trained: tuple[Path, Path], image_size: int | None) -> None:
     ckpt, root = trained
     out = root / f"open_clip_{image_size}"
-    pipeline("export").main(["--checkpoint", str(ckpt), "--out", str(out)] + (["--image-size", str(image_size)] if image_size else []))
+    export_cli.main(["--checkpoint", str(ckpt), "--out", str(out)] + (["--image-size", str(image_size)] if image_size else []))
     config = json.loads((out / "open_clip_config.json").read_text())
     assert config["model_cfg"]["text_cfg"]["tokenizer_mode"] == "clips"
 

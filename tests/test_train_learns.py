@@ -2,25 +2,18 @@
 retrieval on held-out images reach far above chance."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from dataset.synthetic import write_imagefolder, write_recaptioned_wds
+from pipelines import evaluate as evaluate_cli
+from pipelines import train as train_cli
 from train import checkpoint
 
 CLASSES = 48  # 8 colours x 6 shapes: zero-shot chance is 1/48 ~ 2.1 %
 
-
-def pipeline(name: str):
-    """Import pipelines/NAME.py (a script folder, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"pipelines_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -31,7 +24,7 @@ def test_training_learns_shapes_and_colours(tmp_path: Path) -> None:
     write_imagefolder(tmp_path / "heldout", per_class=5, image_size=64, seed=1)
     run = tmp_path / "run"
     # Ti width and heads with one block per tower, 32 px at patch 8, short texts: CPU-sized.
-    pipeline("train").main([
+    train_cli.main([
         "--data", str(tmp_path / "wds" / "*.tar"), "--out", str(run), "--model", "Ti/8", "--depth", "1",
         "--image-size", "32", "--batch-size", "64", "--samples", str(64 * 150), "--base-lr", "0.004",
         "--warmup-samples", str(64 * 15), "--context-length", "16", "--caption-length", "8",
@@ -39,7 +32,7 @@ def test_training_learns_shapes_and_colours(tmp_path: Path) -> None:
     ])
     ckpt = checkpoint.latest(run)
     out = tmp_path / "eval.json"
-    pipeline("evaluate").main(["--checkpoint", str(ckpt), "--zeroshot", str(tmp_path / "heldout"), "--retrieval",
+    evaluate_cli.main(["--checkpoint", str(ckpt), "--zeroshot", str(tmp_path / "heldout"), "--retrieval",
                                str(tmp_path / "retrieval" / "*.tar"), "--workers", "0", "--out", str(out)])
     results = json.loads(out.read_text())
     print(json.dumps(results, indent=1))

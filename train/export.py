@@ -27,7 +27,7 @@ from torch import Tensor
 
 from train import checkpoint
 from train.data import IMAGENET_MEAN, IMAGENET_STD
-from train.model import LN_EPS, CLIPS, ModelConfig, Tower, build_model, config_from_dict
+from train.model import CLIPS, LN_EPS, ModelConfig, Tower, build_model, config_from_dict
 from train.tokenizer import CaptionTokenizer
 
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"

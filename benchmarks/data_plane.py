@@ -39,7 +39,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataset.synthetic import write_shards
+from dataset.synthetic.input_shards import write_shards
 from recaption.engines import EngineConfig, NullEngine, SamplingConfig
 from recaption.images import ImageConfig, ImageError, prepare_image
 from recaption.job import CaptionJob

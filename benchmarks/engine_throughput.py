@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from dataset.synthetic import draw_shape, random_sample
+from dataset.synthetic.shapes import draw_shape, random_sample
 from recaption.engines import EngineConfig, Generation, SamplingConfig, make_engine
 from recaption.prompt import DEFAULT_PROMPT, PromptBuilder
 from recaption.tiny import build_tiny_llava

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from dataset.synthetic import draw_shape, jpeg_bytes, random_sample
+from dataset.synthetic.shapes import draw_shape, jpeg_bytes, random_sample
 from recaption.images import DEFAULT_MAX_SIDE, ImageConfig, prepare_image
 
 SMALL_SIZES = ((512, 384), (384, 512), (512, 512), (512, 341), (512, 288))

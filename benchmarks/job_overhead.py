@@ -33,7 +33,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from dataset.shards import read_shard
-from dataset.synthetic import write_shards
+from dataset.synthetic.input_shards import write_shards
 from pipelines.recaption import config_from_args, parse_args
 from recaption import driver
 from recaption.engines import VllmEngine

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataset import publish, synthetic
+from dataset import publish
+from dataset.synthetic import finished_runs
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out, dest = str(Path(tmp, "out")), str(Path(tmp, "dest"))
-        synthetic.write_recaption_outputs(out, a.shards, a.per_shard, errors_per_shard=10, image_size=8)
+        finished_runs.write_recaption_outputs(out, a.shards, a.per_shard, errors_per_shard=10, image_size=8)
         pool = pa.default_memory_pool()
         base = pool.max_memory()
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ import argparse
 import tempfile
 import time
 
-from dataset.synthetic import write_recaptioned_wds
+from dataset.synthetic.training_shards import write_recaptioned_wds
 from train.data import ShardStream, expand_urls, make_loader, read_captions
 from train.tokenizer import CaptionTokenizer
 

@@ -18,7 +18,7 @@ from dataset import outputs, storage
 from dataset.ingest import download
 from dataset.publish import publish
 from dataset.report import write_report
-from dataset.synthetic import serving, write_metadata
+from dataset.synthetic.web import serving, write_metadata
 from recaption.driver import RunConfig, run
 from recaption.engines import EngineConfig, SamplingConfig
 from recaption.job import CaptionJob

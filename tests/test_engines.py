@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from dataset.synthetic import draw_shape, random_sample
+from dataset.synthetic.shapes import draw_shape, random_sample
 from recaption.engines import EngineConfig, SamplingConfig, make_engine
 from recaption.prompt import DEFAULT_PROMPT, PromptBuilder
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
-from dataset.synthetic import bomb_png_bytes
+from dataset.synthetic.bad_inputs import bomb_png_bytes
 from recaption.images import ImageConfig, ImageError, PreparedImage, prepare_image
 
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)

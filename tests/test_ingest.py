@@ -6,8 +6,9 @@ import io
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dataset import ingest, synthetic
+from dataset import ingest
 from dataset.shards import read_shard
+from dataset.synthetic import input_shards, web
 from pipelines import download as download_cli
 
 FILES, PER_FILE, TIMEOUT_S = 2, 8, 2
@@ -15,8 +16,8 @@ FILES, PER_FILE, TIMEOUT_S = 2, 8, 2
 
 def test_download_counts_layout_and_resume(tmp_path, capsys, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "shards"
-    with synthetic.serving(src, hang_seconds=60) as server:
-        info = synthetic.write_metadata(src, FILES, PER_FILE, url_base=server.url, bad=True)
+    with web.serving(src, hang_seconds=60) as server:
+        info = web.write_metadata(src, FILES, PER_FILE, url_base=server.url, bad=True)
         summary = ingest.download(str(src / "metadata"), str(out), processes=1, threads=16,
                                   number_sample_per_shard=11, timeout=TIMEOUT_S)
 
@@ -30,7 +31,7 @@ def test_download_counts_layout_and_resume(tmp_path, capsys, monkeypatch):
         assert summary.reasons["timed out"] == FILES
 
         # The layout synthetic.write_shards produces, read by the recaption job's reader.
-        synthetic.write_shards(tmp_path / "synthetic", 1, 2)
+        input_shards.write_shards(tmp_path / "synthetic", 1, 2)
         reference = read_shard(str(tmp_path / "synthetic" / "00000.tar")).samples[0]
         assert sorted(p.name for p in out.iterdir() if not p.name.startswith("_")) == sorted(
             f"{s:05d}{suffix}" for s in range(2) for suffix in (".tar", ".parquet", "_stats.json"))

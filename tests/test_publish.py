@@ -12,8 +12,9 @@ import pytest
 import yaml
 from hubstub import HubStub
 
-from dataset import publish, storage, synthetic
+from dataset import publish, storage
 from dataset.outputs import ledger_path, parquet_path, read_ledger, write_ledger
+from dataset.synthetic import finished_runs
 from pipelines import publish as publish_cli
 
 SHARDS, PER_SHARD, ERRORS = 3, 400, 4
@@ -22,7 +23,7 @@ KB = 1000
 
 def make_out(out: str) -> int:
     """A finished run of SHARDS shards plus one unfinished and one foreign shard; returns the ok rows."""
-    run = synthetic.write_recaption_outputs(out, SHARDS + 2, PER_SHARD, errors_per_shard=ERRORS)
+    run = finished_runs.write_recaption_outputs(out, SHARDS + 2, PER_SHARD, errors_per_shard=ERRORS)
     storage.delete(ledger_path(out, "00003"))                  # not finished: parquet without ledger
     foreign = read_ledger(out, "00004")
     write_ledger(out, "00004", {**foreign, "fingerprint": "another-run"}, replace=True)

@@ -16,7 +16,8 @@ import pytest
 import webdataset as wds
 
 from dataset import outputs, storage
-from dataset.synthetic import jpeg_bytes, write_shards
+from dataset.synthetic.input_shards import write_shards
+from dataset.synthetic.shapes import jpeg_bytes
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

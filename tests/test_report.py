@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 from PIL import Image
 
-from dataset import synthetic
+from dataset.synthetic import finished_runs
 from pipelines import report as report_cli
 
 SECTIONS = ["summary", "samples", "caption-lengths", "errors", "throughput"]
@@ -35,7 +35,7 @@ class Page(HTMLParser):
 
 def test_report_has_every_section_inline(tmp_path, capsys, monkeypatch):
     out, html_path = tmp_path / "out", tmp_path / "report.html"
-    synthetic.write_recaption_outputs(str(out), 3, 40, errors_per_shard=4)
+    finished_runs.write_recaption_outputs(str(out), 3, 40, errors_per_shard=4)
     report_cli.main(["--input", str(out), "--out", str(html_path), "--samples", "10"])
     assert f"wrote {html_path}" in capsys.readouterr().out
 

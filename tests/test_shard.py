@@ -8,7 +8,8 @@ import webdataset as wds
 
 from dataset import outputs
 from dataset.shards import read_shard
-from dataset.synthetic import BAD_KINDS, write_shards
+from dataset.synthetic.bad_inputs import BAD_KINDS
+from dataset.synthetic.input_shards import write_shards
 from recaption.engines import EngineConfig, SamplingConfig
 from recaption.job import CaptionJob
 from recaption.prompt import DEFAULT_PROMPT, PromptBuilder

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset.synthetic import write_recaptioned_wds
+from dataset.synthetic.training_shards import write_recaptioned_wds
 from train.data import ShardStream, augment, expand_urls, read_captions, subcaptions
 from train.templates import CLIP_TEMPLATES, ZEROSHOT_TEMPLATES
 from train.tokenizer import BOS_ID, CLS_ID, EOS_ID, PAD_ID, CaptionTokenizer

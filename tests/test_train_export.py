@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dataset.synthetic import write_imagefolder, write_recaptioned_wds
+from dataset.synthetic.shapes import write_imagefolder
+from dataset.synthetic.training_shards import write_recaptioned_wds
 from pipelines import export as export_cli
 from train.data import eval_transform
 from train.evaluate import Evaluator

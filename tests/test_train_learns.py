@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dataset.synthetic import write_imagefolder, write_recaptioned_wds
+from dataset.synthetic.shapes import write_imagefolder
+from dataset.synthetic.training_shards import write_recaptioned_wds
 from pipelines import evaluate as evaluate_cli
 from pipelines import train as train_cli
 from train import checkpoint

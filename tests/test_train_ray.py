@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset.synthetic import write_recaptioned_wds
+from dataset.synthetic.training_shards import write_recaptioned_wds
 from train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset.synthetic import write_recaptioned_wds
+from dataset.synthetic.training_shards import write_recaptioned_wds
 from train import checkpoint
 from train.data import expand_urls, read_captions
 from train.loop import TrainConfig, train

@@ -124,8 +124,9 @@ def build_image_processor(vision_dir: Path, image_size: int, pad_to_square: bool
         kwargs["size"] = {"shortest_edge": kwargs["size"]}
     if isinstance(kwargs.get("crop_size"), int):
         kwargs["crop_size"] = {"height": kwargs["crop_size"], "width": kwargs["crop_size"]}
+    square = {"height": image_size, "width": image_size}
     if kwargs.get("size") != {"shortest_edge": image_size} or (
-            kwargs.get("do_center_crop", True) and kwargs.get("crop_size") != {"height": image_size, "width": image_size}):
+            kwargs.get("do_center_crop", True) and kwargs.get("crop_size") != square):
         raise ConversionError(f"{path}: size={kwargs.get('size')} crop_size={kwargs.get('crop_size')} do not give "
                               f"the tower's {image_size}x{image_size} input")
     return LlavaImageProcessor(do_pad=pad_to_square, **kwargs)

@@ -73,7 +73,8 @@ def test_layout_config_and_added_token(converted):
     for name in set(index.values()):
         weights.update(load_file(converted / name))
     assert set(weights) == set(index)
-    assert all(n.startswith(("language_model.", "vision_tower.vision_model.", "multi_modal_projector.")) for n in weights)
+    prefixes = ("language_model.", "vision_tower.vision_model.", "multi_modal_projector.")  # the llava-hf layout
+    assert all(name.startswith(prefixes) for name in weights)
     assert not weights["language_model.lm_head.weight"][ORIGINAL_VOCAB:].any()
     assert all(t.dtype == torch.float16 for t in weights.values())  # the checkpoint's dtype, as the original runs
 
@@ -127,37 +128,31 @@ def test_transformers_logits_match_original(converted):
                                            rtol=0)
 
 
-def test_transformers_engine_greedy_matches_original(converted):
-    """Our own transformers engine (AutoProcessor + PromptBuilder) captions like the original code."""
+def engine_greedy_ids(converted: Path, **engine: object) -> list[list[int]]:
+    """Greedy ids of our own engine (AutoProcessor + PromptBuilder + generate) on the fixture images."""
     from recaption.engines import EngineConfig, SamplingConfig, make_engine
 
-    engine = make_engine(EngineConfig(str(converted), backend="transformers", dtype="float32"),
+    engine = make_engine(EngineConfig(str(converted), dtype="float32", **engine),
                          SamplingConfig(max_tokens=META["max_new_tokens"]))
     try:
         prompt = PromptBuilder(engine.processor, DEFAULT_PROMPT).build()
         images = fixture_images()
-        generations = engine.generate([prompt] * len(images), images)
+        return [g.token_ids for g in engine.generate([prompt] * len(images), images)]
     finally:
         engine.close()
-    assert [g.token_ids for g in generations] == greedy_reference()
+
+
+def test_transformers_engine_greedy_matches_original(converted):
+    """Our transformers engine captions like the original code."""
+    assert engine_greedy_ids(converted, backend="transformers") == greedy_reference()
 
 
 @pytest.mark.slow
 def test_vllm_greedy_ids_match_original(converted):
     """(b) vLLM (CPU build, float32) through our engine: the original's greedy ids on all fixture images."""
-    from recaption.engines import EngineConfig, SamplingConfig, make_engine
-
-    engine = make_engine(EngineConfig(str(converted), backend="vllm", dtype="float32", max_model_len=512),
-                         SamplingConfig(max_tokens=META["max_new_tokens"]))
-    try:
-        prompt = PromptBuilder(engine.processor, DEFAULT_PROMPT).build()
-        images = fixture_images()
-        generations = engine.generate([prompt] * len(images), images)
-    finally:
-        engine.close()
     reference = greedy_reference()
     assert len(reference) >= 8 and any(len(r) < META["max_new_tokens"] for r in reference)  # some stop at <|eot_id|>
-    assert [g.token_ids for g in generations] == reference
+    assert engine_greedy_ids(converted, backend="vllm", max_model_len=512) == reference
 
 
 # ---- every unknown key, shape or option is an error naming it --------------------------------------------

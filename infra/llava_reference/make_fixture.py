@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -33,10 +36,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers import __version__ as transformers_version
-
-from llava.constants import IMAGE_TOKEN_INDEX
-from llava.mm_utils import process_images, tokenizer_image_token
-from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 
 # Recap-DataComp-1B's instruction (arXiv:2406.08478), as recaption/prompt.py's DEFAULT_PROMPT.
 INSTRUCTION = "Please generate a detailed caption of this image. Please be as descriptive as possible."

@@ -2,10 +2,11 @@
 
   python -m recaption.convert SRC --out DIR [--vision-tower DIR] [--tokenizer DIR]
 
-SRC is a haotian-liu/LLaVA `LlavaLlamaForCausalLM` folder (LLaVA-1.5 architecture), such as the
+SRC is a haotian-liu/LLaVA `LlavaLlamaForCausalLM` folder or Hub id (LLaVA-1.5 architecture), such as the
 Recap-DataComp-1B captioner tennant/llava-llama-3-8b-hqedit. The vision tower defaults to the checkpoint's
-`mm_vision_tower` and the tokenizer to SRC (which ships none for the Recap captioner: pass a LLaMA-3-8B
-tokenizer). Hub ids are downloaded like the original code does; local folders are read as they are.
+`mm_vision_tower` (openai/clip-vit-large-patch14-336 there), as the original code loads it, and the tokenizer
+to SRC (which ships none for the Recap captioner: pass a LLaMA-3-8B tokenizer). Hub ids are downloaded;
+local folders are read as they are.
 The result is written next to DIR and renamed into place only when complete.
 """
 from __future__ import annotations
@@ -70,16 +71,19 @@ class ConvertConfig:
     shard_bytes: int = 4 * 2**30     # largest output safetensors file
 
 
-def resolve_folder(name: str, what: str, patterns: list[str]) -> Path:
-    """A local folder as it is, else a Hub snapshot of the files the conversion reads."""
+def resolve_folder(name: str, what: str) -> Path:
+    """A local folder as it is, else a Hub snapshot of its JSON files and weights (.bin only without safetensors)."""
     if Path(name).is_dir():
         return Path(name)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
+        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(name, allow_patterns=["*.json", "pytorch_model*.bin"]))
     except Exception as e:  # the Hub client raises many types; all mean "not available"
         raise ConversionError(f"{what} {name!r} is neither a local folder nor downloadable: {e}") from None
+    return folder
 
 
 def load_tokenizer(source: Path, name: str | None):
@@ -294,12 +298,12 @@ def convert(cfg: ConvertConfig) -> Path:
     """Write the llava-hf folder `cfg.out` from the original checkpoint `cfg.src`; returns its path."""
     from transformers import CLIPVisionConfig, GenerationConfig, LlavaProcessor
 
-    source, out = Path(cfg.src), Path(cfg.out)
+    out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"{out}: exists and is not empty")
+    source = resolve_folder(cfg.src, "checkpoint")
     original = parse_config(source / "config.json")
-    vision_dir = resolve_folder(cfg.vision_tower or original.vision_tower, "vision tower",
-                                ["*.json", "*.safetensors"])
+    vision_dir = resolve_folder(cfg.vision_tower or original.vision_tower, "vision tower")
     vision_config = CLIPVisionConfig.from_pretrained(vision_dir)
     tokenizer = load_tokenizer(source, cfg.tokenizer)
     config = build_config(original, vision_config, tokenizer, source)
@@ -340,7 +344,7 @@ def _readable_like_new_files(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="original LLaVA checkpoint folder (config.json + weights)")
+    p.add_argument("src", help="original LLaVA checkpoint folder or Hub id (config.json + weights)")
     p.add_argument("--out", required=True, help="llava-hf folder to create (must not exist or be empty)")
     p.add_argument("--vision-tower", default=ConvertConfig.vision_tower,
                    help="CLIP folder or Hub id (default: the checkpoint's mm_vision_tower)")

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from recaption import convert as convert_cli
 from recaption.convert import ConvertConfig, convert
 from recaption.llava_original import ConversionError
 from recaption.prompt import DEFAULT_PROMPT, PromptBuilder
@@ -55,7 +56,9 @@ def greedy_reference() -> list[list[int]]:
 def converted(tmp_path_factory) -> Path:
     """The fixture checkpoint converted once for the module, in several shards as an 8B model is."""
     out = tmp_path_factory.mktemp("converted") / "llava-hf"
-    return convert(ConvertConfig(str(CHECKPOINT), str(out), str(VISION), str(TOKENIZER), shard_bytes=300_000))
+    convert_cli.main([str(CHECKPOINT), "--out", str(out), "--vision-tower", str(VISION), "--tokenizer", str(TOKENIZER),
+                      "--shard-bytes", "300000"])
+    return out
 
 
 def test_layout_config_and_added_token(converted):
@@ -232,6 +235,8 @@ def test_tokenizer_and_output_errors(tmp_path, tiny_model):
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(ConversionError, match="exists and is not empty"):
         convert_copy(src, tmp_path)
+    with pytest.raises(SystemExit, match=r"^convert: .*out: exists and is not empty$"):
+        convert_cli.main([str(src), "--out", str(tmp_path / "out")])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.partial")] == []
 
 

@@ -87,6 +87,8 @@ def check_file(path: Path) -> None:
         bash_syntax_ok(path.read_text())
     elif name.startswith("requirements") and name.endswith(".txt"):
         check_requirements(path)
+    elif name.endswith(".py"):  # scripts for other environments (infra/llava_reference/): syntax only
+        compile(path.read_text(), str(path), "exec")
     else:
         pytest.fail(f"no check for infra/{name}: add one to tests/test_infra.py")
 
@@ -123,7 +125,7 @@ def test_rayjob_runs_recaption_on_gpu_workers():
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     flags = recaption_flags(job["spec"]["entrypoint"])
     assert flags["--input"].startswith("s3://") and flags["--output"].startswith("s3://")
-    assert flags["--model"] == "llava-hf/llama3-llava-next-8b-hf"
+    assert flags["--model"] == "HF_ORG/llava-llama-3-8b-hqedit-hf"  # the converted Recap captioner
     cluster = job["spec"]["rayClusterSpec"]
     head = rayjob_containers(cluster["headGroupSpec"])
     assert all("nvidia.com/gpu" not in c["resources"].get("limits", {}) for c in head)

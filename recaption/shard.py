@@ -194,9 +194,7 @@ def write_outputs(out: str, shard: InputShard, rows: list[dict], wds: list[outpu
     ledger = {
         "shard": shard.name, "input": shard.path, "fingerprint": job.fingerprint,
         "caption_config": job.caption_config(),
-        "samples_in": shard.stats.samples_in, "rows_out": len(rows), "ok": status["ok"], "error": status["error"],
-        "duplicates": shard.stats.duplicates, "duplicate_keys": shard.stats.duplicate_keys,
-        "nonregular": dict(shard.stats.nonregular),
+        **shard.stats.as_dict(), "rows_out": len(rows), "ok": status["ok"], "error": status["error"],
         "errors_by_reason": dict(Counter(r["error"].split(":", 1)[0] for r in rows if r["status"] == "error")),
         "quality": dict(Counter(f for r in rows if r["quality"] for f in r["quality"].split(","))),
         "started_at": started, "finished_at": finished, "seconds": seconds, "generate_seconds": generate_seconds,

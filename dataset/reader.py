@@ -215,7 +215,12 @@ def _nonregular_kind(info: tarfile.TarInfo) -> str | None:
 
 
 class _Header(tarfile.TarInfo):
-    """A TarInfo that records why the archive ended and refuses oversized extended headers."""
+    """A TarInfo that records why the archive ended and refuses oversized extended headers.
+
+    `tarfile` ends iteration quietly on a missing, partial or invalid header as well as on the zero
+    block that ends an archive; only the last is a complete tar. It also reads pax and GNU long-name
+    headers into memory whole, whatever size they claim (`_proc_member` dispatches them, CPython 3.10+).
+    """
 
     @classmethod
     def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
@@ -275,10 +280,10 @@ class ShardReader:
     def __init__(self, path: str, limits: ReadLimits = ReadLimits(), expected_samples: int | None = None):
         self.path, self.limits, self.expected_samples = path, limits, expected_samples
         self.stats = ReadStats()
+        self._seen: set[str] = set()  # normalised keys so far: a repeat is a duplicate
 
     def __iter__(self) -> Iterator[InputSample]:
-        self.stats = ReadStats()
-        self._seen: set[str] = set()
+        self.stats, self._seen = ReadStats(), set()
         yielded = 0
         try:
             with storage.open_read(self.path) as source:
@@ -291,7 +296,8 @@ class ShardReader:
                     self.stats.bytes = stream.bytes
         except (InputError, ShardReadError):
             raise
-        except (OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError) as e:
+        except (OSError, EOFError, ValueError, tarfile.TarError, zlib.error, lzma.LZMAError) as e:
+            # ValueError: tarfile on some corrupt headers (an InputError is one too, re-raised above).
             raise ShardReadError(f"{self.path}: read failed after {yielded} samples and {self.stats.bytes:,} "
                                  f"bytes: {type(e).__name__}: {e}") from e
         if self.expected_samples is not None and self.stats.samples_in != self.expected_samples:

@@ -30,9 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from dataset.shards import read_shard
+from dataset.reader import ShardReader
 from dataset.synthetic.input_shards import write_shards
 from pipelines.recaption import config_from_args, parse_args
 from recaption import driver
@@ -40,6 +38,8 @@ from recaption.engines import VllmEngine
 from recaption.prompt import PromptBuilder
 from recaption.shard import prepare_sample
 from recaption.tiny import build_tiny_llava
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -71,9 +71,9 @@ class Bare:
         prompts = PromptBuilder(self.engine.processor, cfg.job.prompt)
         self.chunks = []
         for path in shard_paths:
-            prepared = [prepare_sample(s, cfg.job) for s in read_shard(str(path)).samples]
-            requests = [{"prompt": prompts.build(p.sample.org_caption or ""), "multi_modal_data": {"image": p.image.image}}
-                        for p in prepared if p.image is not None]
+            prepared = [prepare_sample(s, cfg.job) for s in ShardReader(str(path))]
+            requests = [{"prompt": prompts.build(p.sample.org_caption or ""),
+                         "multi_modal_data": {"image": p.image.image}} for p in prepared if p.image is not None]
             self.chunks += [requests[i:i + cfg.job.chunk_size] for i in range(0, len(requests), cfg.job.chunk_size)]
         self.generate(self.chunks[0][:1])  # warm-up
         self.startup_s = time.perf_counter() - start
@@ -121,7 +121,8 @@ def report(a: argparse.Namespace, job: JobResult, bare_startup_s: float, before:
           f"{job.generate_s / job.span_s:.0%} of the span")
     first = job.shards[0]["started_at"]
     print("job shards, s from the first start: " + "; ".join(
-        f"{s['shard']} {s['started_at'] - first:.2f}..{s['finished_at'] - first:.2f} (generate {s['generate_seconds']:.2f})"
+        f"{s['shard']} {s['started_at'] - first:.2f}..{s['finished_at'] - first:.2f} "
+        f"(generate {s['generate_seconds']:.2f})"
         for s in job.shards))
 
 

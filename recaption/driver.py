@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dataset import outputs, storage
-from dataset.shards import shard_name
+from dataset.reader import shard_name
 from recaption.claims import ClaimBook
 from recaption.job import CaptionJob
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from dataset import outputs
-from dataset.shards import InputSample, InputShard, read_shard
+from dataset.reader import InputSample, ReadStats, ShardReader, shard_name
 from recaption.engines import CaptionEngine, Generation
 from recaption.images import ImageError, PreparedImage, prepare_image
 from recaption.job import CaptionJob
@@ -27,10 +27,25 @@ class Prepared:
     error: str | None
 
 
+@dataclass
+class InputShard:
+    """One input shard read whole (this module captions shard by shard)."""
+    name: str
+    path: str
+    samples: list[InputSample]
+    stats: ReadStats
+
+
+def read_shard(path: str) -> InputShard:
+    """Every sample of the tar; raises ShardReadError / InputError rather than return a shard cut short."""
+    reader = ShardReader(path)
+    samples = list(reader)
+    return InputShard(shard_name(path), path, samples, reader.stats)
+
+
 def prepare_sample(sample: InputSample, job: CaptionJob) -> Prepared:
     if sample.image is None:
-        problems = "; ".join(sample.problems)
-        return Prepared(sample, None, "missing: no image member" + (f" ({problems})" if problems else ""))
+        return Prepared(sample, None, sample.image_error)
     try:
         return Prepared(sample, prepare_image(sample.image, job.image), None)
     except ImageError as e:
@@ -179,8 +194,7 @@ def write_outputs(out: str, shard: InputShard, rows: list[dict], wds: list[outpu
     ledger = {
         "shard": shard.name, "input": shard.path, "fingerprint": job.fingerprint,
         "caption_config": job.caption_config(),
-        "samples_in": shard.member_groups, "rows_out": len(rows), "ok": status["ok"], "error": status["error"],
-        "duplicates": len(shard.duplicates), "duplicate_keys": shard.duplicates[:100], "read_error": shard.read_error,
+        **shard.stats.as_dict(), "rows_out": len(rows), "ok": status["ok"], "error": status["error"],
         "errors_by_reason": dict(Counter(r["error"].split(":", 1)[0] for r in rows if r["status"] == "error")),
         "quality": dict(Counter(f for r in rows if r["quality"] for f in r["quality"].split(","))),
         "started_at": started, "finished_at": finished, "seconds": seconds, "generate_seconds": generate_seconds,
@@ -200,7 +214,5 @@ def is_done(out: str, shard: str, fingerprint: str) -> bool:
 def recaption_shards(paths: list[str], out: str, engine: CaptionEngine, prompts: PromptBuilder,
                      job: CaptionJob) -> list[dict]:
     """Caption shards one after another in this process, skipping done ones; returns new ledgers."""
-    from dataset.shards import shard_name
-
     return [recaption_shard(p, out, engine, prompts, job) for p in paths
             if not is_done(out, shard_name(p), job.fingerprint)]

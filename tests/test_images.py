@@ -12,6 +12,8 @@ from dataset.synthetic.bad_inputs import bomb_png_bytes
 from recaption.images import ImageConfig, ImageError, PreparedImage, prepare_image
 
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+# The mode tests use images of a few pixels; the size refusals have their own tests below.
+ANY_SIZE = ImageConfig(min_side=1, max_aspect_ratio=float("inf"))
 
 
 def encode(img: Image.Image, fmt: str, **options) -> bytes:
@@ -41,7 +43,7 @@ def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
 # --- modes -----------------------------------------------------------------------------------
 
 def test_rgb_passes_through():
-    out = prepare_image(encode(Image.new("RGB", (8, 6), (10, 200, 30)), "PNG"))
+    out = prepare_image(encode(Image.new("RGB", (8, 6), (10, 200, 30)), "PNG"), ANY_SIZE)
     assert pixel(out, (3, 3)) == (10, 200, 30)
     assert (out.width, out.height) == (8, 6)
 
@@ -51,7 +53,7 @@ def test_palette_without_transparency():
     img.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
     data = encode(img, "PNG")
     assert Image.open(io.BytesIO(data)).mode == "P"
-    assert pixel(prepare_image(data), (0, 0)) == (10, 200, 30)
+    assert pixel(prepare_image(data, ANY_SIZE), (0, 0)) == (10, 200, 30)
 
 
 def test_palette_with_transparency_goes_on_white():
@@ -60,7 +62,7 @@ def test_palette_with_transparency_goes_on_white():
     img.putpixel((0, 0), 0)
     data = encode(img, "PNG", transparency=0)  # palette index 0 (black) is fully transparent
     assert "transparency" in Image.open(io.BytesIO(data)).info
-    out = prepare_image(data)
+    out = prepare_image(data, ANY_SIZE)
     assert pixel(out, (0, 0)) == WHITE
     assert pixel(out, (1, 1)) == (10, 200, 30)
 
@@ -68,7 +70,7 @@ def test_palette_with_transparency_goes_on_white():
 def test_rgba_composited_on_white():
     img = Image.new("RGBA", (3, 1))
     img.putdata([(255, 0, 0, 0), (0, 0, 255, 255), (0, 0, 0, 128)])
-    out = prepare_image(encode(img, "PNG"))
+    out = prepare_image(encode(img, "PNG"), ANY_SIZE)
     assert pixel(out, (0, 0)) == WHITE           # invisible red is not red
     assert pixel(out, (1, 0)) == (0, 0, 255)     # opaque stays as it is
     assert close(pixel(out, (2, 0)), (127, 127, 127), 1)  # half-transparent black over white
@@ -77,7 +79,7 @@ def test_rgba_composited_on_white():
 def test_la_composited_on_white():
     img = Image.new("LA", (2, 1))
     img.putdata([(0, 0), (0, 255)])
-    out = prepare_image(encode(img, "PNG"))
+    out = prepare_image(encode(img, "PNG"), ANY_SIZE)
     assert pixel(out, (0, 0)) == WHITE
     assert pixel(out, (1, 0)) == BLACK
 
@@ -86,14 +88,14 @@ def test_cmyk_jpeg():
     red = (220, 30, 30)
     data = encode(Image.new("RGB", (16, 16), red).convert("CMYK"), "JPEG", quality=95)
     assert Image.open(io.BytesIO(data)).mode == "CMYK"
-    assert close(pixel(prepare_image(data), (8, 8)), red, 8)
+    assert close(pixel(prepare_image(data, ANY_SIZE), (8, 8)), red, 8)
 
 
 def test_16bit_greyscale_keeps_full_range():
     values = np.array([[0, 65535, 128 * 257, 1000]], dtype=np.uint16)
     data = encode(Image.fromarray(values), "PNG")
     assert Image.open(io.BytesIO(data)).mode.startswith("I")
-    out = prepare_image(data)
+    out = prepare_image(data, ANY_SIZE)
     assert pixel(out, (0, 0)) == BLACK
     assert pixel(out, (1, 0)) == WHITE
     assert pixel(out, (2, 0)) == (128, 128, 128)
@@ -104,14 +106,23 @@ def test_float_image():
     values = np.array([[0.0, 255.0, 128.0, 127.6, -5.0]], dtype=np.float32)
     data = encode(Image.fromarray(values), "TIFF")
     assert Image.open(io.BytesIO(data)).mode == "F"
-    out = prepare_image(data)
+    out = prepare_image(data, ANY_SIZE)
     assert [pixel(out, (x, 0))[0] for x in range(5)] == [0, 255, 128, 127, 0]
+
+
+def test_float_image_in_unit_range_is_not_black():
+    values = np.array([[0.0, 1.0, 0.5, 0.25, 1.0 / 255]], dtype=np.float32)
+    data = encode(Image.fromarray(values), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "F"
+    out = prepare_image(data, ANY_SIZE)
+    # x * 255 truncated to uint8: 0.5 -> 127.5 -> 127; 1/255 in float32 times 255 lands within 1e-5 of 1.
+    assert [pixel(out, (x, 0))[0] for x in range(5)] in ([0, 255, 127, 63, 1], [0, 255, 127, 63, 0])
 
 
 def test_one_bit():
     img = Image.new("1", (2, 1))
     img.putpixel((1, 0), 1)
-    out = prepare_image(encode(img, "PNG"))
+    out = prepare_image(encode(img, "PNG"), ANY_SIZE)
     assert pixel(out, (0, 0)) == BLACK
     assert pixel(out, (1, 0)) == WHITE
 
@@ -218,3 +229,56 @@ def test_large_png_downscaled():
     out = prepare_image(encode(Image.new("RGB", (2100, 700), (1, 2, 3)), "PNG"), ImageConfig(max_side=700))
     assert out.image.size == (700, 233)
     assert (out.width, out.height) == (2100, 700)
+
+
+@pytest.fixture
+def converted(monkeypatch) -> list[tuple[str, tuple[int, int]]]:
+    """(mode, size) of every image handed to the RGB conversion."""
+    from recaption import images
+
+    seen: list[tuple[str, tuple[int, int]]] = []
+    original = images._to_rgb
+
+    def spy(img: Image.Image) -> Image.Image:
+        seen.append((img.mode, img.size))
+        return original(img)
+
+    monkeypatch.setattr(images, "_to_rgb", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_wide_modes_downscaled_before_conversion(converted, mode):
+    """16-bit and float frames are resized in their own mode; only the small copy is converted."""
+    ramp = np.linspace(0, 1, 2000, dtype=np.float32)
+    values = (ramp * 65535).astype(np.uint16) if mode == "I;16" else ramp
+    data = encode(Image.fromarray(np.ascontiguousarray(np.broadcast_to(values, (1000, 2000)))),
+                  "PNG" if mode == "I;16" else "TIFF")
+    out = prepare_image(data, ImageConfig(max_side=200))
+    assert converted == [(mode, (200, 100))]
+    assert (out.width, out.height) == (2000, 1000) and out.image.size == (200, 100)
+    row = [pixel(out, (x, 50))[0] for x in (0, 100, 199)]
+    # A linear ramp survives bicubic resampling to within a grey level or two of x / 199 * 255.
+    assert close(tuple(row), (0, 128, 255), 2), row
+
+
+# --- size refusals (from the header, before any pixel is decoded) -------------------------------
+
+@pytest.mark.parametrize("size,expected", [
+    ((7, 300), "small"), ((300, 7), "small"), ((2100, 100), "aspect"), ((100, 2100), "aspect"),
+    ((2000, 100), None), ((8, 8), None),
+])
+def test_small_and_elongated_images_refused_from_the_header(size, expected):
+    data = encode(Image.new("RGB", size, (9, 9, 9)), "PNG")
+    if expected is None:
+        assert prepare_image(data).image.size[0] > 0
+        return
+    before = Image.core.get_stats()["new_count"]
+    assert reason(data) == expected
+    assert Image.core.get_stats()["new_count"] == before
+    assert prepare_image(data, ANY_SIZE).width == size[0]  # both limits are settings
+
+
+def test_size_limits_enter_the_config_record():
+    config = ImageConfig(min_side=32, max_aspect_ratio=4.0)
+    assert config.as_dict()["min_side"] == 32 and config.as_dict()["max_aspect_ratio"] == 4.0

@@ -362,13 +362,12 @@ class Attempt:
     def commit(self, ledger: dict, generation: int = 0) -> bool:
         """Commit the files put so far by creating the shard's ledger of `generation` exclusively.
 
-        The ledger gets `shard`, `attempt_id`, `generation` and `files` added. False: another attempt
-        committed this generation first, and this attempt's files are deleted. An OSError means the
-        storage could not say; then the files stay (the ledger may name them) until `sweep` decides.
+        `shard`, `attempt_id`, `generation` and `files` are added to `ledger` (in place). False: another
+        attempt committed this generation first, and this attempt's files are deleted. An OSError means
+        the storage could not say; then the files stay (the ledger may name them) until `sweep` decides.
         """
-        record = {**ledger, "shard": self.shard, "attempt_id": self.attempt_id, "generation": generation,
-                  "files": dict(self.written)}
-        if storage.put_if_absent(self.store.ledger_path(self.shard, generation), _dump(record)):
+        ledger.update(shard=self.shard, attempt_id=self.attempt_id, generation=generation, files=dict(self.written))
+        if storage.put_if_absent(self.store.ledger_path(self.shard, generation), _dump(ledger)):
             return True
         self.abandon()
         return False

@@ -320,14 +320,13 @@ def _folder_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _read_local_versioned(target: Path) -> Versioned | None:
+def _read_local(target: Path) -> tuple[bytes, os.stat_result] | None:
+    """The file's bytes and the status of the very file they came from; None when absent."""
     try:
         with open(target, "rb") as f:
-            st = os.fstat(f.fileno())
-            data = f.read()
+            return f.read(), os.fstat(f.fileno())
     except FileNotFoundError:
         return None
-    return Versioned(data, _local_etag(st, data), _local_now(target.parent) - st.st_mtime)
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -348,7 +347,11 @@ def read_versioned(path: str) -> Versioned | None:
     """
     if not is_remote(path):
         _count("get")
-        return _read_local_versioned(Path(path))
+        found = _read_local(Path(path))
+        if found is None:
+            return None
+        data, st = found
+        return Versioned(data, _local_etag(st, data), _local_now(Path(path).parent) - st.st_mtime)
     try:
         reader = _S3Reader(path)
     except FileNotFoundError:
@@ -492,8 +495,8 @@ def put_if_match(path: str, data: bytes, etag: str) -> str | None:
                 raise
     target = Path(path)
     with _folder_lock(target.parent):
-        current = _read_local_versioned(target)
-        if current is None or current.etag != etag:
+        current = _read_local(target)
+        if current is None or _local_etag(current[1], current[0]) != etag:
             return None
         return _local_replace(target, data)
 

@@ -13,14 +13,6 @@ from s3server import SeaweedS3
 from dataset import storage
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path) -> str:
-    """The same tests on a local folder and on a fresh S3 bucket."""
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("s3_bucket") + "/store"
-
-
 def test_round_trip(root):
     path = storage.join(root, "a", "b.json")
     assert not storage.exists(path)

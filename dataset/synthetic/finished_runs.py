@@ -37,7 +37,7 @@ def recaption_sample(shard: str, i: int, sample: ShapeSample, rng: random.Random
     key = f"{shard}{i:04d}"
     meta = {"uid": hashlib.md5(f"{fingerprint}-{key}".encode()).hexdigest(),
             "url": f"http://127.0.0.1:8000/images/{key}.jpg", "sha256": hashlib.sha256(key.encode()).hexdigest()}
-    return InputSample(key, "jpg", None, web_caption(sample, rng), meta)
+    return InputSample(key=key, image_ext="jpg", image=None, org_caption=web_caption(sample, rng), meta=meta)
 
 
 def recaption_row(shard: str, inp: InputSample, sample: ShapeSample, rng: random.Random, fingerprint: str,

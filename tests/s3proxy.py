@@ -4,8 +4,10 @@ It forwards every request to the upstream server and can
 - drop request headers (`drop_headers`): e.g. `If-None-Match` / `If-Match`, like S3-compatible gateways
   that ignore conditional writes. SigV4 signs those headers, so such a proxy also strips the signature
   (`anonymous=True`) and needs an upstream that accepts anonymous writes (`SeaweedS3(anonymous=True)`);
-- cut the next `cut_reads` GET response bodies after `cut_at` bytes and close the connection, like a
-  connection reset in the middle of a download (the headers announce the full length).
+- cut the next GET response bodies after some bytes and close the connection, like a connection
+  reset in the middle of a download (the headers announce the full length);
+- answer the next requests with 503 SlowDown, before the server sees them or after it has acted on
+  them (an answer lost on the way back).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ class S3Proxy:
         self.drop = {h.lower() for h in drop_headers} | (set(SIGNATURE_HEADERS) if anonymous else set())
         self.cut_reads = 0
         self.cut_at = 0
+        self.failures = 0
+        self.fail_after_forwarding = False
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -36,6 +40,19 @@ class S3Proxy:
         """Cut the bodies of the next `count` GET responses after `after_bytes` bytes."""
         with self.lock:
             self.cut_reads, self.cut_at = count, after_bytes
+
+    def fail_next(self, count: int, after_forwarding: bool = False) -> None:
+        """Answer the next `count` requests with 503 SlowDown; `after_forwarding`: once the server has acted."""
+        with self.lock:
+            self.failures, self.fail_after_forwarding = count, after_forwarding
+
+    def _take_failure(self) -> tuple[bool, bool]:
+        """(fail this request, after forwarding it)."""
+        with self.lock:
+            if self.failures <= 0:
+                return False, False
+            self.failures -= 1
+            return True, self.fail_after_forwarding
 
     def _take_cut(self) -> int | None:
         with self.lock:
@@ -53,8 +70,19 @@ class S3Proxy:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
+            def slow_down(self) -> None:
+                body = b"<Error><Code>SlowDown</Code><Message>injected by the test proxy</Message></Error>"
+                self.send_response_only(503, "Slow Down")
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body if self.command != "HEAD" else b"")
+
             def forward(self) -> None:
                 body = self.read_body()
+                fail, after_forwarding = proxy._take_failure()
+                if fail and not after_forwarding:
+                    return self.slow_down()
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in proxy.drop and k.lower() not in HOP_BY_HOP}
                 upstream = http.client.HTTPConnection(*proxy.upstream, timeout=30)
@@ -62,6 +90,8 @@ class S3Proxy:
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     response = upstream.getresponse()
                     data = response.read()
+                    if fail:
+                        return self.slow_down()
                     self.send_response_only(response.status, response.reason)
                     for k, v in response.getheaders():
                         if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":

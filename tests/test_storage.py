@@ -321,6 +321,27 @@ def test_read_cut_off_mid_stream_resumes_or_raises(via_proxy):
     stream.close()
 
 
+def test_transient_errors_are_retried_and_a_lost_answer_is_recognised(via_proxy, monkeypatch):
+    bucket, proxy = via_proxy
+    path, lost = f"{bucket}/_ledger/00000.json", f"{bucket}/_ledger/00001.json"
+    proxy.fail_next(1)                                  # 503 before the server saw the request: retried
+    assert storage.put_if_absent(path, b"mine")
+    proxy.fail_next(1, after_forwarding=True)           # created, then the answer was lost: the retry is
+    assert storage.put_if_absent(lost, b"mine too")     # refused (412), the stored bytes show it was ours
+    proxy.fail_next(1, after_forwarding=True)
+    assert not storage.put_if_absent(lost, b"someone else's")
+    assert storage.list_files(f"{bucket}/_ledger") == [path, lost]
+
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)  # a store that keeps failing: errors, never "absent"
+    storage.reset_s3_client()
+    proxy.fail_next(1000)
+    for call in (storage.read_versioned, storage.exists):
+        with pytest.raises(OSError, match=path):
+            call(path)
+    with pytest.raises(OSError, match=f"list {bucket}/_ledger failed: SlowDown"):
+        storage.list_files(f"{bucket}/_ledger")
+
+
 @pytest.fixture(scope="module")
 def lax_server():
     """A second SeaweedFS that also takes unsigned writes, behind a proxy that drops If-None-Match / If-Match."""

@@ -263,23 +263,30 @@ class ShardStore:
         log.warning("%s: ledger does not parse, treated as absent: %r", path, data[:200])
         return True, None
 
-    def read_ledger(self, shard: str, generation: int | None = None) -> dict | None:
-        """The shard's ledger of `generation`, by default the latest that parses; None if there is none."""
-        if generation is not None:
-            return self._read(shard, generation)[1]
-        latest, generation = None, 0
-        while True:  # generations are created in order: the first absent one ends them
+    def _latest(self, shard: str) -> tuple[bool, dict | None]:
+        """(any ledger exists, the latest that parses), reading generations in order until one is absent."""
+        found, latest, generation = False, None, 0
+        while True:
             exists, ledger = self._read(shard, generation)
             if not exists:
-                return latest
-            latest = ledger or latest
-            generation += 1
+                return found, latest
+            found, latest, generation = True, ledger or latest, generation + 1
+
+    def read_ledger(self, shard: str, generation: int | None = None) -> dict | None:
+        """The shard's ledger of `generation`, by default the latest that parses; None if there is none."""
+        return self._latest(shard)[1] if generation is None else self._read(shard, generation)[1]
 
     def files(self, ledger: dict) -> dict[str, str]:
         """Kind -> full path of each file the ledger commits."""
         return {kind: storage.join(self.base, entry["path"]) for kind, entry in ledger["files"].items()}
 
-    def _named(self, ledger: dict | None) -> set[str]:
+    def _named(self, shard: str) -> set[str] | None:
+        """Relative paths the shard's latest ledger names; None when ledgers exist but none parses
+        (then nothing of the shard is deleted)."""
+        found, ledger = self._latest(shard)
+        if found and ledger is None:
+            log.warning("%s: no ledger of shard %s parses; its files are left alone", self.base, shard)
+            return None
         return {entry["path"] for entry in ledger["files"].values()} if ledger else set()
 
     def data_files(self, shard: str | None = None) -> dict[str, list[str]]:
@@ -306,10 +313,8 @@ class ShardStore:
         kind, narrowed to the shard on S3 (a local folder is scanned), and one ledger read.
         """
         files = self.data_files(shard).get(shard, [])
-        if not files:
-            return []
-        named = self._named(self.read_ledger(shard))
-        return self._delete([rel for rel in files if rel not in named])
+        named = self._named(shard) if files else None
+        return self._delete([rel for rel in files if rel not in named]) if named is not None else []
 
     def sweep(self, skip: set[str]) -> list[str]:
         """`clean_leftovers` for every shard not in `skip` whose claim nobody holds; returns the deleted paths.
@@ -324,8 +329,8 @@ class ShardStore:
             if shard in skip or (shard in done and len(files) <= len(self.kinds)
                                  and len({rel.split("/", 1)[0] for rel in files}) == len(files)):
                 continue
-            named = self._named(self.read_ledger(shard, done[shard])) if shard in done else set()
-            leftovers = [rel for rel in files if rel not in named]
+            named = self._named(shard) if shard in done else set()
+            leftovers = [rel for rel in files if rel not in named] if named is not None else []
             if leftovers and not self._claimed(shard):
                 deleted += self._delete(leftovers)
         return deleted

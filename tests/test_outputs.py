@@ -174,6 +174,11 @@ def test_a_ledger_that_does_not_parse_counts_as_absent(tmp_path, caplog):
     assert sorted(run.by_shard) == ["00000"]
     assert run.skipped == [("00001", f"ledger {store.ledger_path('00001', 1)} does not parse")]
 
+    Path(store.ledger_path("00000")).write_text("")          # a shard whose only ledger is damaged:
+    attempt_with_files(store, "00000", tmp_path)             # no file of it is deleted on its word
+    assert store.sweep(set()) == [] and store.clean_leftovers("00000") == []
+    assert len(store.data_files("00000")["00000"]) == 4
+
 
 def test_rows_follow_the_schema(tmp_path):
     sample = InputSample(key="00000001", image_ext="jpg", image=b"", org_caption="  a   web\ncaption ",

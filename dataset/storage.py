@@ -588,8 +588,7 @@ def expand_inputs(spec: str) -> list[str]:
     found: set[str] = set()
     for pattern in expand_braces(spec):
         remote = is_remote(pattern)
-        if not _GLOB_CHARS.search(pattern) and (remote and not pattern.endswith(".tar")
-                                                or not remote and os.path.isdir(pattern)):
+        if not _GLOB_CHARS.search(pattern) and not pattern.endswith(".tar") and (remote or os.path.isdir(pattern)):
             found.update(list_files(pattern, ".tar"))
             continue
         folder, name = pattern.rsplit("/", 1) if remote else os.path.split(pattern)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dataset import finished, hub, storage
+from dataset import hub, outputs, storage
 from dataset.card import CardInfo, render_card
 from dataset.outputs import ROW_SCHEMA
 from dataset.stats import LengthStats
@@ -58,7 +58,7 @@ class OutputFile:
 
 @dataclass
 class Plan:
-    run: finished.FinishedRun
+    run: outputs.FinishedRun
     train: list[OutputFile]
     preview: str
     nested: bool
@@ -91,7 +91,7 @@ def _estimated_ok_bytes(ledger: dict) -> int:
     return size * ledger["ok"] // max(ledger["rows_out"], 1)
 
 
-def make_plan(run: finished.FinishedRun, target_bytes: int, files_per_folder: int = 9_000) -> Plan:
+def make_plan(run: outputs.FinishedRun, target_bytes: int, files_per_folder: int = 9_000) -> Plan:
     """Group done shards, in order, into train files of about `target_bytes` (a shard is never split)."""
     groups: list[list[dict]] = []
     size = 0
@@ -134,13 +134,13 @@ def plan_lines(plan: Plan, dest: str, hub_batch_files: int) -> list[str]:
     return lines
 
 
-def ok_batches(run: finished.FinishedRun, shards: list[str], written: Written) -> Iterator[pa.RecordBatch]:
+def ok_batches(run: outputs.FinishedRun, shards: list[str], written: Written) -> Iterator[pa.RecordBatch]:
     """The ok rows of `shards` in PUBLISHED_SCHEMA, batch by batch; counts the error rows left out."""
     for shard in shards:
         path = run.parquet(shard)
         expected = run.by_shard[shard]["ok"]
         seen = 0
-        for batch in finished.iter_batches(path, ["status", *PUBLISHED_COLUMNS]):
+        for batch in outputs.iter_batches(path, ["status", *PUBLISHED_COLUMNS]):
             ok = batch.filter(pc.equal(batch["status"], "ok"))
             written.error_rows += batch.num_rows - ok.num_rows
             seen += ok.num_rows
@@ -180,7 +180,7 @@ def write_file(batches: Iterator[pa.RecordBatch], local: str, row_group_bytes: i
     return rows, nbytes
 
 
-def preview_table(run: finished.FinishedRun) -> pa.Table:
+def preview_table(run: outputs.FinishedRun) -> pa.Table:
     """The first PREVIEW_ROWS ok rows."""
     batches, left = [], PREVIEW_ROWS
     shards = [ledger["shard"] for ledger in run.ledgers if ledger["ok"]]
@@ -217,7 +217,7 @@ def publish(input_dir: str, dest: str, *, target_bytes: int = 500 * MB, row_grou
             title: str | None = None, license_id: str = "cc-by-4.0", hub_batch_files: int = 20,
             hub_endpoint: str | None = None, log: Callable[[str], None] = print) -> Plan:
     """Publish the done shards of `input_dir` to `dest` (see the module docstring); returns the plan."""
-    run = finished.load(input_dir, fingerprint)
+    run = outputs.load_finished(input_dir, fingerprint)
     if not run.ledgers:
         raise ValueError(f"{input_dir}: no done shards to publish")
     plan = make_plan(run, target_bytes, files_per_folder)

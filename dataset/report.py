@@ -21,7 +21,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dataset import finished, outputs, storage  # noqa: E402
+from dataset import outputs, storage  # noqa: E402
 from dataset.card import SAMPLING_KEYS  # noqa: E402
 from dataset.stats import LengthStats  # noqa: E402
 
@@ -99,7 +99,7 @@ def table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def summary_section(run: finished.FinishedRun) -> str:
+def summary_section(run: outputs.FinishedRun) -> str:
     c = run.caption_config
     info = run.run or {}
     start = min((ledger["started_at"] for ledger in run.ledgers), default=None)
@@ -140,7 +140,7 @@ def _sample_card(shard: str, sample: dict, row: dict) -> str:
             f'<div class="label">recaption</div><div>{_text(sample, "re_caption.txt")}</div></div>')
 
 
-def samples_section(run: finished.FinishedRun, rows: dict[str, dict], shards: list[str], count: int) -> str:
+def samples_section(run: outputs.FinishedRun, rows: dict[str, dict], shards: list[str], count: int) -> str:
     shards = [shard for shard in shards if "wds" in run.by_shard[shard]["files"]]
     if not shards:
         return section("samples", "Samples", "<p>No WDS output in the sampled shards (the job ran without it).</p>")
@@ -170,7 +170,7 @@ def lengths_section(org: LengthStats, re: LengthStats, shards: int) -> str:
                    f"<p>ok rows of {shards:,} sampled shards.</p>")
 
 
-def errors_section(run: finished.FinishedRun, examples: list[dict]) -> str:
+def errors_section(run: outputs.FinishedRun, examples: list[dict]) -> str:
     reasons = run.errors_by_reason().most_common()
     parts = []
     if reasons:
@@ -185,7 +185,7 @@ def errors_section(run: finished.FinishedRun, examples: list[dict]) -> str:
     return section("errors", f"Errors ({run.total('error'):,} rows)", *parts)
 
 
-def throughput_section(run: finished.FinishedRun) -> str:
+def throughput_section(run: outputs.FinishedRun) -> str:
     ledgers = run.ledgers
     t0 = min(ledger["started_at"] for ledger in ledgers)
     workers = sorted({str(ledger.get("worker")) for ledger in ledgers})
@@ -220,7 +220,7 @@ ROW_SCHEMA_SUBSET = pa.schema([outputs.ROW_SCHEMA.field(name) for name in ROW_CO
 
 def build_report(out: str, *, samples: int = 24, sample_shards: int = 200, fingerprint: str | None = None) -> str:
     """The report's HTML for the done shards of OUT."""
-    run = finished.load(out, fingerprint)
+    run = outputs.load_finished(out, fingerprint)
     if not run.ledgers:
         raise ValueError(f"{out}: no done shards to report on")
     shards = spaced([ledger["shard"] for ledger in run.ledgers], sample_shards)
@@ -228,7 +228,7 @@ def build_report(out: str, *, samples: int = 24, sample_shards: int = 200, finge
     rows: dict[str, dict] = {}
     examples: list[dict] = []
     for shard in shards:
-        shard_rows = pa.Table.from_batches(list(finished.iter_batches(run.parquet(shard), ROW_COLUMNS)),
+        shard_rows = pa.Table.from_batches(list(outputs.iter_batches(run.parquet(shard), ROW_COLUMNS)),
                                            schema=ROW_SCHEMA_SUBSET)
         ok = shard_rows.filter(pc.equal(shard_rows["status"], "ok"))
         org.add(ok["org_length"])

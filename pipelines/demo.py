@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dataset import outputs, storage
+from dataset import outputs
 from dataset.ingest import download
 from dataset.publish import publish
 from dataset.report import write_report
@@ -32,8 +32,8 @@ def clip(text: str | None, width: int) -> str:
 
 
 def show_rows(out: str, limit: int = 8) -> None:
-    rows = [r for path in storage.list_files(storage.join(out, outputs.PARQUET_DIR), ".parquet")
-            for r in pq.read_table(path).to_pylist()]
+    run = outputs.load_finished(out)
+    rows = [r for shard in run.by_shard for r in pq.read_table(run.parquet(shard)).to_pylist()]
     picked = [r for r in rows if r["status"] == "ok"][:limit]
     print(f"\n{'key':<10} | {'web caption':<28} | {'recaption (random-weight model)':<44} | status")
     print("-" * 100)

@@ -7,17 +7,17 @@ import socket
 import sys
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dataset import outputs, storage
+from dataset.claims import Claims
+from dataset.outputs import FingerprintMismatch, Output
 from dataset.reader import shard_name
-from recaption.claims import ClaimBook
 from recaption.job import CaptionJob
 
-JOB_FILE, RUN_FILE = "_job.json", "_run.json"
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 
@@ -34,71 +34,45 @@ class RunConfig:
     max_attempts: int = 3
     claim_ttl: float = 120.0
     progress_every: float = 30.0
+    single_writer: bool = False   # skip the conditional-write probe: only one driver writes this output
 
 
 @dataclass
 class Task:
     path: str
     shard: str
-    replace: bool = False   # overwrite an existing ledger (retry-errors, new version)
-    retry: bool = False     # re-caption only the error rows of the existing output
+    generation: int = 0     # the ledger generation this task commits
+    retry: bool = False     # re-caption only the error rows of the committed generation before
     attempt: int = 1
     errors: list[str] = field(default_factory=list)
 
 
-class FingerprintMismatch(RuntimeError):
-    pass
-
-
-def check_version(cfg: RunConfig) -> list[str]:
-    """Record this run's fingerprint in OUT/_job.json; returns earlier fingerprints of this output."""
-    path = storage.join(cfg.output, JOB_FILE)
-    record = {"fingerprint": cfg.job.fingerprint, "caption_config": cfg.job.caption_config(), "history": []}
-    if storage.put_if_absent(path, json.dumps(record, indent=1).encode()):
-        return []
-    existing = json.loads(storage.read_bytes(path))
-    if existing["fingerprint"] == cfg.job.fingerprint:
-        return existing.get("history", [])
-    if not cfg.new_version:
-        raise FingerprintMismatch(
-            f"{cfg.output} holds captions with fingerprint {existing['fingerprint']} "
-            f"(model {existing['caption_config'].get('model')}); this run's is {cfg.job.fingerprint}. "
-            "Use another --output, or --new-version to recaption every shard into it.")
-    record["history"] = existing.get("history", []) + [existing["fingerprint"]]
-    storage.write_bytes(path, json.dumps(record, indent=1).encode())
-    return record["history"]
-
-
-def read_ledgers(out: str, shards: list[str]) -> dict[str, dict]:
+def read_ledgers(store: outputs.ShardStore, done: dict[str, int]) -> dict[str, dict | None]:
     with ThreadPoolExecutor(32) as pool:
-        return dict(zip(shards, pool.map(lambda s: outputs.read_ledger(out, s), shards)))
+        return dict(zip(done, pool.map(lambda s: store.read_ledger(s, done[s]), done)))
 
 
-def plan(cfg: RunConfig, history: list[str]) -> tuple[list[Task], int]:
-    """Pending tasks and the number of shards already done with this fingerprint."""
+def plan(cfg: RunConfig, output: Output) -> tuple[list[Task], int]:
+    """Pending tasks and the number of shards already done in this output version."""
     paths = storage.expand_inputs(cfg.input)
     names = [shard_name(p) for p in paths]
-    clashes = sorted({n for n in names if names.count(n) > 1})
+    for name in names:
+        outputs.check_shard_name(name)
+    clashes = sorted(n for n, count in Counter(names).items() if count > 1)
     if clashes:
         raise ValueError(f"input shards share output names {clashes[:5]}: one output folder per set of names")
-    ledgered = {storage.basename(p)[: -len(".json")]
-                for p in storage.list_files(storage.join(cfg.output, outputs.LEDGER_DIR), ".json")}
-    fp = cfg.job.fingerprint
-    ledgers = read_ledgers(cfg.output, sorted(ledgered & set(names))) if (history or cfg.retry_errors) else {}
-    tasks, done = [], 0
+    done = output.store.done()
+    wanted = {name: done[name] for name in names if name in done}
+    ledgers = read_ledgers(output.store, wanted) if cfg.retry_errors else {}
+    tasks = []
     for path, name in zip(paths, names):
-        ledger = ledgers.get(name)
-        if name not in ledgered:
+        if name not in done:
             tasks.append(Task(path, name))
-        elif ledger is not None and ledger["fingerprint"] != fp:
-            tasks.append(Task(path, name, replace=True))
-        else:
-            done += 1
-            if cfg.retry_errors and ledger is not None and ledger["error"] > 0:
-                tasks.append(Task(path, name, replace=True, retry=True))
+        elif cfg.retry_errors and (ledgers[name] or {}).get("error", 0) > 0:
+            tasks.append(Task(path, name, generation=done[name] + 1, retry=True))
     if cfg.max_shards is not None:
         tasks = tasks[: cfg.max_shards]
-    return tasks, done
+    return tasks, len(wanted)
 
 
 class Progress:
@@ -159,12 +133,13 @@ def worker_resources(cfg: RunConfig) -> tuple[int, float, float]:
 class Scheduler:
     """Keeps every worker fed with two shards (one generating, one preparing) until none are left."""
 
-    def __init__(self, cfg: RunConfig, tasks: list[Task], claims: ClaimBook, progress: Progress):
+    def __init__(self, cfg: RunConfig, output: Output, tasks: list[Task], claims: Claims, progress: Progress):
         import ray
 
         from recaption.worker import CaptionWorker
 
         self.ray, self.cfg, self.claims, self.progress = ray, cfg, claims, progress
+        self.output, self.store = output, output.store
         self.actor_class = ray.remote(CaptionWorker)
         self.pending: deque[Task] = deque(tasks)
         self.waiting: list[Task] = []      # claimed by another live driver
@@ -176,7 +151,7 @@ class Scheduler:
 
     def new_worker(self):
         return self.actor_class.options(num_gpus=self.gpus, num_cpus=self.cpus, max_concurrency=2,
-                                        max_restarts=0).remote(self.cfg.job, self.cfg.output)
+                                        max_restarts=0).remote(self.cfg.job, self.output.base)
 
     def wait_until_ready(self) -> list[str]:
         return self.ray.get([w.name.remote() for w in self.workers])
@@ -188,23 +163,29 @@ class Scheduler:
         for index, worker in enumerate(self.workers):
             while self.pending and self.load(index) < 2:
                 task = self.pending.popleft()
-                if outputs.read_ledger(self.cfg.output, task.shard) is not None and not task.replace:
-                    self.progress.total -= 1   # finished by another driver meanwhile
-                    continue
-                if not self.claims.try_claim(task.shard):
+                token = self.claims.acquire(task.shard)  # the claim first, then the ledger check
+                if token is None:
                     self.waiting.append(task)
                     continue
-                ref = worker.caption.remote(task.path, task.shard, task.attempt, task.retry, task.replace)
+                if self.committed(task):
+                    self.claims.release(task.shard)
+                    self.progress.total -= 1   # finished by another driver meanwhile
+                    continue
+                if task.attempt > 1:
+                    self.store.clean_leftovers(task.shard)
+                ref = worker.caption.remote(task.path, task.shard, task.attempt, task.retry, task.generation, token)
                 self.in_flight[ref] = (index, task)
+
+    def committed(self, task: Task) -> bool:
+        return storage.exists(self.store.ledger_path(task.shard, task.generation))
 
     def recheck_waiting(self) -> None:
         """Shards another driver holds: done when their ledger appears, ours when its claim goes stale."""
         still = []
         for task in self.waiting:
-            ledger = outputs.read_ledger(self.cfg.output, task.shard)
-            if ledger is not None and ledger.get("fingerprint") == self.cfg.job.fingerprint:
+            if self.committed(task):
                 self.progress.total -= 1
-            elif self.claims.try_claim(task.shard):
+            elif self.claims.acquire(task.shard) is not None:
                 self.pending.append(task)
             else:
                 still.append(task)
@@ -239,7 +220,6 @@ class Scheduler:
     def run(self) -> None:
         while self.pending or self.in_flight or self.waiting:
             self.submit()
-            self.claims.heartbeat()
             if not self.in_flight:
                 if self.waiting:
                     time.sleep(min(5.0, self.cfg.claim_ttl / 4))
@@ -256,7 +236,8 @@ class Scheduler:
                 self.claims.release(task.shard)
                 self.progress.add(ledger)
                 if not ledger["written"]:
-                    print(f"[recaption] shard {task.shard}: another driver wrote it first; kept theirs", flush=True)
+                    print(f"[recaption] shard {task.shard}: another driver wrote it first or took it over; "
+                          "kept theirs", flush=True)
                 self.progress.maybe_print(force=True)
             self.progress.maybe_print()
 
@@ -267,8 +248,8 @@ def ray_errors() -> tuple[type[Exception], ...]:
     return ray.exceptions.RayActorError, ray.exceptions.RayTaskError
 
 
-def write_run_summary(cfg: RunConfig, progress: Progress, failed: dict[str, list[str]], started: float,
-                      workers: int) -> dict:
+def write_run_summary(cfg: RunConfig, output: Output, progress: Progress, failed: dict[str, list[str]],
+                      started: float, workers: int) -> dict:
     summary = {
         "fingerprint": cfg.job.fingerprint, "caption_config": cfg.job.caption_config(),
         "config": {"input": cfg.input, "output": cfg.output, "num_workers": workers,
@@ -280,7 +261,7 @@ def write_run_summary(cfg: RunConfig, progress: Progress, failed: dict[str, list
         "tokens_per_s": progress.tokens / max(time.time() - progress.start, 1e-9),
         "started_at": started, "finished_at": time.time(),
     }
-    storage.write_bytes(storage.join(cfg.output, RUN_FILE), json.dumps(summary, indent=1).encode())
+    storage.write_bytes(output.run_path, json.dumps(summary, indent=1).encode())
     return summary
 
 
@@ -288,8 +269,8 @@ def run(cfg: RunConfig) -> int:
     """Run the job; returns the process exit code (0: every pending shard done)."""
     started = time.time()
     try:
-        history = check_version(cfg)
-        tasks, done = plan(cfg, history)
+        output = Output.register(cfg.output, cfg.job.fingerprint, cfg.job.caption_config(), cfg.new_version)
+        tasks, done = plan(cfg, output)
     except (FingerprintMismatch, ValueError) as e:
         print(f"[recaption] error: {e}", file=sys.stderr)
         return 2
@@ -298,10 +279,15 @@ def run(cfg: RunConfig) -> int:
     if not tasks:
         print("[recaption] nothing pending", flush=True)
         return 0
+    problem = None if cfg.single_writer else storage.probe_conditional_writes(output.base)
+    if problem:
+        print(f"[recaption] error: {problem}. Several drivers on this output could then overwrite each "
+              "other's claims and commits; with one driver only, run with --single-writer.", file=sys.stderr)
+        return 2
     init_ray()
-    claims = ClaimBook(cfg.output, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", cfg.claim_ttl)
+    claims = Claims(output.base, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", cfg.claim_ttl)
     progress = Progress(len(tasks), cfg.progress_every)
-    scheduler = Scheduler(cfg, tasks, claims, progress)
+    scheduler = Scheduler(cfg, output, tasks, claims, progress)
     print(f"[recaption] starting {scheduler.num_workers} workers ({scheduler.gpus} GPU each)", flush=True)
     try:
         scheduler.wait_until_ready()
@@ -309,8 +295,17 @@ def run(cfg: RunConfig) -> int:
         print(f"[recaption] error: the caption workers could not start: {e}", file=sys.stderr)
         return 1
     progress.start = time.time()
-    scheduler.run()
-    summary = write_run_summary(cfg, progress, scheduler.failed, started, scheduler.num_workers)
+    claims.start_renewing(lambda shard: print(f"[recaption] lost the claim on shard {shard} to another driver; "
+                                              "this driver's attempt will not commit", file=sys.stderr, flush=True))
+    try:
+        scheduler.run()
+    finally:
+        claims.stop()
+    swept = output.store.sweep(skip=set())
+    if swept:
+        print(f"[recaption] removed {len(swept)} files that no latest ledger names (attempts that did not "
+              "commit, generations replaced by --retry-errors)", flush=True)
+    summary = write_run_summary(cfg, output, progress, scheduler.failed, started, scheduler.num_workers)
     if scheduler.failed:
         print(f"[recaption] {len(scheduler.failed)} shards failed: {', '.join(sorted(scheduler.failed))}",
               file=sys.stderr)

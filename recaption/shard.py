@@ -4,19 +4,19 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import tempfile
 import threading
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
-from dataset import outputs
+from dataset import claims, outputs
 from dataset.reader import InputSample, ReadStats, ShardReader, shard_name
 from recaption.engines import CaptionEngine, Generation
 from recaption.images import ImageError, PreparedImage, prepare_image
 from recaption.job import CaptionJob
-from recaption.postprocess import clean_caption, quality_flags, word_count
+from recaption.postprocess import clean_caption, quality_flags
 from recaption.prompt import PromptBuilder
 
 
@@ -95,21 +95,13 @@ def _drain(chunks: queue.Queue, stop: threading.Event) -> Iterator[list[Prepared
 
 
 def build_row(p: Prepared, gen: Generation | None, shard: str, fp: str) -> dict:
-    s = p.sample
-    org = clean_caption(s.org_caption or "")
-    row = {
-        "key": s.key, "uid": s.meta.get("uid"), "url": s.meta.get("url"), "org_caption": org,
-        "re_caption": None, "status": "error", "error": p.error, "finish_reason": None, "num_tokens": 0,
-        "quality": None, "width": p.image.width if p.image else None, "height": p.image.height if p.image else None,
-        "sha256": s.meta.get("sha256"), "org_length": word_count(org), "re_length": 0,
-        "fingerprint": fp, "shard": shard,
-    }
-    if gen is not None:
-        text = clean_caption(gen.text)
-        row.update(re_caption=text, status="ok", error=None, finish_reason=gen.finish_reason,
-                   num_tokens=gen.num_tokens, quality=quality_flags(text, gen.token_ids, gen.finish_reason),
-                   re_length=word_count(text))
-    return row
+    size = {"width": p.image.width, "height": p.image.height} if p.image else {}
+    if gen is None:
+        return outputs.build_row(p.sample, shard=shard, fingerprint=fp, error=p.error, **size)
+    text = clean_caption(gen.text)
+    return outputs.build_row(p.sample, shard=shard, fingerprint=fp, caption=text, finish_reason=gen.finish_reason,
+                             num_tokens=gen.num_tokens, quality=quality_flags(text, gen.token_ids, gen.finish_reason),
+                             **size)
 
 
 def caption_chunk(chunk: list[Prepared], engine: CaptionEngine, prompts: PromptBuilder) -> list[Generation | None]:
@@ -127,15 +119,16 @@ def wds_sample(p: Prepared, row: dict) -> outputs.WdsSample:
                              row["re_caption"], meta)
 
 
-def recaption_shard(path: str, out: str, engine: CaptionEngine, prompts: PromptBuilder, job: CaptionJob, *,
-                    attempt: int = 1, engine_lock: threading.Lock | None = None,
-                    previous_rows: list[dict] | None = None, replace: bool = False) -> dict:
-    """Caption every sample of one shard, write its outputs and ledger, and return the ledger.
+def recaption_shard(path: str, store: outputs.ShardStore, engine: CaptionEngine, prompts: PromptBuilder,
+                    job: CaptionJob, *, attempt: int = 1, engine_lock: threading.Lock | None = None,
+                    previous_rows: list[dict] | None = None, generation: int = 0,
+                    claim_token: str | None = None) -> dict:
+    """Caption every sample of one shard, write its outputs, commit its ledger, and return the ledger.
 
-    With `previous_rows` (from a done shard), only their `status='error'` keys are captioned again;
-    the other rows are kept as they were. `engine_lock` lets two calls share one engine: the second
-    prepares its first chunks while the first still generates. `replace` overwrites an existing
-    ledger (retries, new versions); otherwise the first ledger written wins.
+    With `previous_rows` (from a done shard), only their `status='error'` keys are captioned again
+    and the result is committed as ledger `generation`; the other rows are kept as they were.
+    `engine_lock` lets two calls share one engine: the second prepares its first chunks while the
+    first still generates. With `claim_token`, the claim is checked right before the commit.
     """
     started = time.time()
     shard = read_shard(path)
@@ -157,8 +150,9 @@ def recaption_shard(path: str, out: str, engine: CaptionEngine, prompts: PromptB
     rows = [new_rows.get(r["key"], r) for r in previous_rows] if previous_rows is not None else list(new_rows.values())
     if job.write_wds and previous_rows is not None:
         wds = keep_wds_order(rows, wds, shard)
-    return write_outputs(out, shard, rows, list(wds.values()), job, started=started,
-                         generate_seconds=generate_seconds, attempt=attempt, replace=replace)
+    return write_outputs(store, shard, rows, list(wds.values()), job, started=started,
+                         generate_seconds=generate_seconds, attempt=attempt, generation=generation,
+                         claim_token=claim_token)
 
 
 def keep_wds_order(rows: list[dict], fresh: dict[str, outputs.WdsSample], shard: InputShard) -> dict:
@@ -175,44 +169,36 @@ def keep_wds_order(rows: list[dict], fresh: dict[str, outputs.WdsSample], shard:
     return samples
 
 
-def write_outputs(out: str, shard: InputShard, rows: list[dict], wds: list[outputs.WdsSample], job: CaptionJob, *,
-                  started: float, generate_seconds: float, attempt: int, replace: bool) -> dict:
-    """Parquet, then WDS, then the ledger last: the ledger's presence means the shard is done.
+def write_outputs(store: outputs.ShardStore, shard: InputShard, rows: list[dict], wds: list[outputs.WdsSample],
+                  job: CaptionJob, *, started: float, generate_seconds: float, attempt: int, generation: int,
+                  claim_token: str | None) -> dict:
+    """Parquet, then WDS, under this attempt's own names, then the ledger: its creation commits the shard.
 
-    Without `replace` the ledger is created only if absent; `written` in the result says whether
-    this call's ledger is the one on storage (False: another writer finished the shard first).
+    `written` in the result says whether this attempt's ledger is the one on storage (False: another
+    writer finished the shard first, or the claim was lost; this attempt's files are gone then).
     """
-    files = {"parquet": {"path": outputs.parquet_path(out, shard.name)}}
-    files["parquet"]["bytes"] = outputs.write_parquet(rows, files["parquet"]["path"])
-    if job.write_wds:
-        files["wds"] = {"path": outputs.wds_path(out, shard.name)}
-        files["wds"]["bytes"] = outputs.write_wds(wds, files["wds"]["path"])
-    finished = time.time()
-    status = Counter(r["status"] for r in rows)
-    tokens = sum(r["num_tokens"] or 0 for r in rows)
-    seconds = max(finished - started, 1e-9)
-    ledger = {
-        "shard": shard.name, "input": shard.path, "fingerprint": job.fingerprint,
-        "caption_config": job.caption_config(),
-        **shard.stats.as_dict(), "rows_out": len(rows), "ok": status["ok"], "error": status["error"],
-        "errors_by_reason": dict(Counter(r["error"].split(":", 1)[0] for r in rows if r["status"] == "error")),
-        "quality": dict(Counter(f for r in rows if r["quality"] for f in r["quality"].split(","))),
-        "started_at": started, "finished_at": finished, "seconds": seconds, "generate_seconds": generate_seconds,
-        "images_per_s": len(rows) / seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-        "worker": f"{socket.gethostname()}:{os.getpid()}", "attempt": attempt, "files": files,
-    }
-    ledger["written"] = outputs.write_ledger(out, shard.name, ledger, replace=replace)
+    this_attempt = store.new_attempt(shard.name)
+    with tempfile.TemporaryDirectory(prefix="ov-shard-") as tmp:
+        local = os.path.join(tmp, "rows.parquet")
+        outputs.write_parquet(rows, local)
+        this_attempt.put("parquet", local, rows=len(rows))
+        if job.write_wds:
+            local = os.path.join(tmp, "samples.tar")
+            outputs.write_wds(wds, local)
+            this_attempt.put("wds", local, rows=len(wds))
+    ledger = outputs.make_ledger(
+        rows, input=shard.path, fingerprint=job.fingerprint, caption_config=job.caption_config(),
+        started_at=started, finished_at=time.time(), worker=f"{socket.gethostname()}:{os.getpid()}",
+        **shard.stats.as_dict(), generate_seconds=generate_seconds, attempt=attempt)
+    if claim_token is not None and not claims.holds(store.base, shard.name, claim_token):
+        this_attempt.abandon()
+        return {**ledger, "written": False}
+    ledger["written"] = this_attempt.commit(ledger, generation)
     return ledger
 
 
-def is_done(out: str, shard: str, fingerprint: str) -> bool:
-    """A shard is done iff its ledger exists with this run's fingerprint."""
-    ledger = outputs.read_ledger(out, shard)
-    return ledger is not None and ledger.get("fingerprint") == fingerprint
-
-
-def recaption_shards(paths: list[str], out: str, engine: CaptionEngine, prompts: PromptBuilder,
+def recaption_shards(paths: list[str], store: outputs.ShardStore, engine: CaptionEngine, prompts: PromptBuilder,
                      job: CaptionJob) -> list[dict]:
     """Caption shards one after another in this process, skipping done ones; returns new ledgers."""
-    return [recaption_shard(p, out, engine, prompts, job) for p in paths
-            if not is_done(out, shard_name(p), job.fingerprint)]
+    done = store.done()
+    return [recaption_shard(p, store, engine, prompts, job) for p in paths if shard_name(p) not in done]

@@ -37,8 +37,8 @@ class DieOnceEngine:
 class CaptionWorker:
     """Created as a Ray actor with max_concurrency=2: one call generates while the next prepares."""
 
-    def __init__(self, job: CaptionJob, out: str):
-        self.job, self.out = job, out
+    def __init__(self, job: CaptionJob, base: str):
+        self.job, self.store = job, outputs.ShardStore(base, outputs.RECAPTION_KINDS)
         engine = make_engine(job.engine, job.sampling)
         marker = os.environ.get(FAULT_DIE_ONCE_ENV)
         self.engine = DieOnceEngine(engine, marker) if marker and not Path(marker).exists() else engine
@@ -48,9 +48,15 @@ class CaptionWorker:
     def name(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
-    def caption(self, path: str, shard: str, attempt: int, retry_errors: bool, replace: bool) -> dict:
+    def caption(self, path: str, shard: str, attempt: int, retry_errors: bool, generation: int,
+                claim_token: str | None) -> dict:
         previous = None
         if retry_errors:
-            previous = pq.read_table(io.BytesIO(storage.read_bytes(outputs.parquet_path(self.out, shard)))).to_pylist()
-        return recaption_shard(path, self.out, self.engine, self.prompts, self.job, attempt=attempt,
-                               engine_lock=self.engine_lock, previous_rows=previous, replace=replace)
+            ledger = self.store.read_ledger(shard, generation - 1)
+            if ledger is None:
+                raise FileNotFoundError(f"{shard}: no readable ledger of generation {generation - 1} to retry")
+            parquet = self.store.files(ledger)["parquet"]
+            previous = pq.read_table(io.BytesIO(storage.read_bytes(parquet))).to_pylist()
+        return recaption_shard(path, self.store, self.engine, self.prompts, self.job, attempt=attempt,
+                               engine_lock=self.engine_lock, previous_rows=previous, generation=generation,
+                               claim_token=claim_token)

@@ -38,6 +38,14 @@ def s3_bucket(s3_server, monkeypatch):
     storage.reset_s3_client()
 
 
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    """The same test on a local folder and on a fresh S3 bucket."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket") + "/store"
+
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for the CPU engine
 
 

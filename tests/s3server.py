@@ -62,13 +62,18 @@ def pick_ports(count: int) -> list[int]:
 
 
 class SeaweedS3:
-    """Start, probe and stop one `weed mini` S3 server with a single admin identity."""
+    """Start, probe and stop one `weed mini` S3 server with an admin identity.
+
+    `anonymous=True` also lets unsigned requests read, list and write (for a proxy that has to strip
+    the signature, see tests/s3proxy.py).
+    """
 
     access_key = "testkey"
     secret_key = "testsecret"
     region = "us-east-1"
 
-    def __init__(self) -> None:
+    def __init__(self, anonymous: bool = False) -> None:
+        self.anonymous = anonymous
         self.workdir = Path(tempfile.mkdtemp(prefix="seaweedfs-"))
         self.ports = dict(zip(PORT_NAMES, pick_ports(len(PORT_NAMES))))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
@@ -106,9 +111,11 @@ class SeaweedS3:
 
     def start(self) -> None:
         """Launch the server and wait until a signed ListBuckets succeeds."""
-        identity = {"name": "admin", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}
-        (self.workdir / "s3.json").write_text(json.dumps({"identities": [identity]}))
+        identities = [{"name": "admin", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                       "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}]
+        if self.anonymous:
+            identities.append({"name": "anonymous", "actions": ["Read", "List", "Write"]})
+        (self.workdir / "s3.json").write_text(json.dumps({"identities": identities}))
         env = {**os.environ, "TMPDIR": str(self.workdir)}  # its glog files go there too
         with open(self.workdir / "weed.log", "wb") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
@@ -134,14 +141,10 @@ class SeaweedS3:
         raise RuntimeError(f"SeaweedFS did not start: {reason}\n--- weed log ---\n{log_tail}")
 
     def stop(self) -> None:
-        """SIGTERM (it shuts down in a few seconds), SIGKILL if it lingers, then remove the data."""
+        """Kill the server (its data is thrown away: no clean shutdown needed) and remove its folder."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            self.process.kill()
+            self.process.wait()
         self.process = None
         shutil.rmtree(self.workdir, ignore_errors=True)
         for port in self.ports.values():  # weed puts gRPC sockets in /tmp whatever TMPDIR says

@@ -13,7 +13,7 @@ import yaml
 from hubstub import HubStub
 
 from dataset import publish, storage
-from dataset.outputs import ledger_path, parquet_path, read_ledger, write_ledger
+from dataset.outputs import Output
 from dataset.synthetic import finished_runs
 from pipelines import publish as publish_cli
 
@@ -24,10 +24,11 @@ KB = 1000
 def make_out(out: str) -> int:
     """A finished run of SHARDS shards plus one unfinished and one foreign shard; returns the ok rows."""
     run = finished_runs.write_recaption_outputs(out, SHARDS + 2, PER_SHARD, errors_per_shard=ERRORS)
-    storage.delete(ledger_path(out, "00003"))                  # not finished: parquet without ledger
-    foreign = read_ledger(out, "00004")
-    write_ledger(out, "00004", {**foreign, "fingerprint": "another-run"}, replace=True)
-    assert storage.exists(parquet_path(out, "00003"))
+    store = Output.open(out).store
+    storage.delete(store.ledger_path("00003"))                 # not finished: data files without a ledger
+    foreign = store.read_ledger("00004")                       # a later generation from another fingerprint
+    assert store.new_attempt("00004").commit({**foreign, "fingerprint": "another-run"}, generation=1)
+    assert store.data_files("00003")["00003"]
     return run["rows"]["ok"] - 2 * (PER_SHARD - ERRORS)
 
 

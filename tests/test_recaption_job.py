@@ -40,16 +40,26 @@ def run_job(inp: str, out: str, model: str, *extra: str, env: dict | None = None
 
 
 def output_keys(out: str) -> list[str]:
-    """Every key over all output Parquet files, duplicates kept."""
+    """Every key over all files in the output's parquet/ folder, duplicates kept; checks that the folder
+    holds exactly the files the ledgers commit (nothing an attempt left behind)."""
+    store = outputs.Output.open(out).store
+    listed = storage.list_files(storage.join(store.base, outputs.PARQUET_DIR), ".parquet")
+    assert sorted(listed) == sorted(store.files(ledger)["parquet"] for ledger in ledgers(out).values())
     keys = []
-    for path in storage.list_files(storage.join(out, outputs.PARQUET_DIR), ".parquet"):
+    for path in listed:
         keys += pq.read_table(io.BytesIO(storage.read_bytes(path))).column("key").to_pylist()
     return keys
 
 
 def ledgers(out: str) -> dict[str, dict]:
-    return {storage.basename(p)[:-5]: json.loads(storage.read_bytes(p))
-            for p in storage.list_files(storage.join(out, outputs.LEDGER_DIR), ".json")}
+    """Shard -> its latest ledger."""
+    store = outputs.Output.open(out).store
+    return {shard: store.read_ledger(shard, generation) for shard, generation in store.done().items()}
+
+
+def committed(out: str, shard: str, kind: str) -> str:
+    """The path of a shard's committed file of `kind`, resolved through its latest ledger."""
+    return outputs.Output.open(out).store.files(ledgers(out)[shard])[kind]
 
 
 def input_keys(infos: list[dict]) -> list[str]:
@@ -66,22 +76,27 @@ def test_two_vllm_workers_caption_every_key_exactly_once_and_rerun_is_a_no_op(tm
     assert sorted(output_keys(out)) == input_keys(infos)
     done = ledgers(out)
     assert sorted(done) == ["00000", "00001", "00002", "00003"]
-    assert {ledger["worker"] for ledger in done.values()}.__len__() == 2, "both workers should have captioned"
+    assert len({ledger["worker"] for ledger in done.values()}) == 2, "both workers should have captioned"
     run = json.loads(Path(out, "_run.json").read_text())
     assert run["shards"] == {"total": 4, "done": 4, "failed": []}
     assert run["rows"]["ok"] + run["rows"]["error"] == len(input_keys(infos))
     assert run["rows"]["error"] == 4 * sum(not captioned for captioned in BAD_KINDS.values())
     assert "images/s" in first.stdout and "ETA" in first.stdout
     ok_keys = {k for k in output_keys(out)}
-    trained = {s["__key__"] for s in wds.WebDataset(f"{out}/wds/{{00000..00003}}.tar", shardshuffle=False)}
+    tars = [committed(out, shard, "wds") for shard in sorted(done)]
+    trained = {s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)}
     assert trained < ok_keys and len(trained) == run["rows"]["ok"]
 
-    mtimes = {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file() and p.name != "_run.json"}
+    def mtimes() -> dict:  # every file but the run summary and the storage's hidden clock and lock files
+        return {p: p.stat().st_mtime_ns for p in Path(out).rglob("*")
+                if p.is_file() and p.name != "_run.json" and not p.name.startswith(".storage-")}
+
+    before = mtimes()
     started = time.time()
     again = run_job(str(tmp_path / "in"), out, tiny_model, "--num-workers", "2")
     assert again.returncode == 0 and "nothing pending" in again.stdout
     assert time.time() - started < 60
-    assert mtimes == {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file() and p.name != "_run.json"}
+    assert before == mtimes()
 
     other = run_job(str(tmp_path / "in"), out, tiny_model, "--num-workers", "2", "--prompt", "Describe it.")
     assert other.returncode == 2 and "--new-version" in other.stderr
@@ -155,14 +170,14 @@ def test_retry_errors_recaptions_only_error_rows(tmp_path, tiny_model):
     out = str(tmp_path / "out")
     flags = ["--backend", "transformers", "--num-workers", "1"]
     assert run_job(str(tmp_path / "in"), out, tiny_model, *flags).returncode == 0
-    before = {r["key"]: r for r in pq.read_table(f"{out}/parquet/00000.parquet").to_pylist()}
+    before = {r["key"]: r for r in pq.read_table(committed(out, "00000", "parquet")).to_pylist()}
     fixable = {k for k, kind in info["injected"].items() if kind in ("corrupt_jpeg", "truncated_jpeg")}
     replace_images(tmp_path / "in" / "00000.tar", fixable)
 
     result = run_job(str(tmp_path / "in"), out, tiny_model, *flags, "--retry-errors")
 
     assert result.returncode == 0
-    after = {r["key"]: r for r in pq.read_table(f"{out}/parquet/00000.parquet").to_pylist()}
+    after = {r["key"]: r for r in pq.read_table(committed(out, "00000", "parquet")).to_pylist()}
     assert sorted(after) == sorted(before)
     for key, row in after.items():
         if key in fixable:
@@ -170,8 +185,8 @@ def test_retry_errors_recaptions_only_error_rows(tmp_path, tiny_model):
         else:
             assert row == before[key]
     ledger = ledgers(out)["00000"]
-    assert ledger["error"] == before_errors(before) - len(fixable)
-    trained = {s["__key__"] for s in wds.WebDataset(f"{out}/wds/00000.tar", shardshuffle=False)}
+    assert ledger["generation"] == 1 and ledger["error"] == before_errors(before) - len(fixable)
+    trained = {s["__key__"] for s in wds.WebDataset(committed(out, "00000", "wds"), shardshuffle=False)}
     assert trained == {k for k, r in after.items() if r["status"] == "ok"}
 
 

@@ -26,12 +26,13 @@ def job(tiny_model):
 def test_bad_samples_become_error_rows_and_nothing_is_lost(tmp_path, vllm_engine, job):
     info = write_shards(tmp_path / "in", shards=1, per_shard=12, bad=True)[0]
     tar = str(tmp_path / "in" / "00000.tar")
-    out = str(tmp_path / "out")
+    store = outputs.Output.register(str(tmp_path / "out"), job.fingerprint, job.caption_config(), False).store
     prompts = PromptBuilder(vllm_engine.processor, job.prompt)
 
-    ledger = recaption_shard(tar, out, vllm_engine, prompts, job)
+    ledger = recaption_shard(tar, store, vllm_engine, prompts, job)
 
-    rows = pq.read_table(outputs.parquet_path(out, "00000")).to_pylist()
+    files = store.files(ledger)
+    rows = pq.read_table(files["parquet"]).to_pylist()
     assert sorted(r["key"] for r in rows) == sorted(info["keys"])  # every input key exactly once
     duplicates = sum("#" in k for k in info["injected"])
     assert ledger["samples_in"] == len(rows) + ledger["duplicates"] == len(info["keys"]) + duplicates
@@ -55,24 +56,25 @@ def test_bad_samples_become_error_rows_and_nothing_is_lost(tmp_path, vllm_engine
     assert by_key[next(k for k, v in info["injected"].items() if v == "missing_txt")]["org_caption"] == ""
 
     ok_keys = {r["key"] for r in rows if r["status"] == "ok"}
-    samples = list(wds.WebDataset(outputs.wds_path(out, "00000"), shardshuffle=False))
+    samples = list(wds.WebDataset(files["wds"], shardshuffle=False))
     assert {s["__key__"] for s in samples} == ok_keys
     assert all(s["re_caption.txt"].decode() == by_key[s["__key__"]]["re_caption"] for s in samples)
 
-    assert ledger == {**json.loads(Path(outputs.ledger_path(out, "00000")).read_text()), "written": True}
+    assert ledger == {**json.loads(Path(store.ledger_path("00000")).read_text()), "written": True}
     assert ledger["ok"] + ledger["error"] == len(rows) and ledger["error"] == len(reasons)
-    assert not [p for p in Path(out).rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    assert not [p for p in Path(store.base).rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_second_run_skips_done_shards(tmp_path, vllm_engine, job):
     write_shards(tmp_path / "in", shards=2, per_shard=4)
     paths = sorted(str(p) for p in (tmp_path / "in").glob("*.tar"))
     out = str(tmp_path / "out")
+    store = outputs.ShardStore(out, outputs.RECAPTION_KINDS)
     prompts = PromptBuilder(vllm_engine.processor, job.prompt)
 
-    first = recaption_shards(paths, out, vllm_engine, prompts, job)
+    first = recaption_shards(paths, store, vllm_engine, prompts, job)
     mtimes = {p: p.stat().st_mtime_ns for p in Path(out).rglob("*.*")}
-    second = recaption_shards(paths, out, vllm_engine, prompts, job)
+    second = recaption_shards(paths, store, vllm_engine, prompts, job)
 
     assert [ledger["shard"] for ledger in first] == ["00000", "00001"] and second == []
     assert mtimes == {p: p.stat().st_mtime_ns for p in Path(out).rglob("*.*")}

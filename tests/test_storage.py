@@ -7,16 +7,10 @@ import threading
 import time
 
 import pytest
+from s3proxy import S3Proxy
+from s3server import SeaweedS3
 
 from dataset import storage
-
-
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path) -> str:
-    """The same tests on a local folder and on a fresh S3 bucket."""
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("s3_bucket") + "/store"
 
 
 def test_round_trip(root):
@@ -188,3 +182,185 @@ def test_missing_bucket_names_the_path(s3_bucket):
     expected = "list s3://no-such-bucket-here/x failed: NoSuchBucket"
     with pytest.raises(FileNotFoundError, match=expected):
         storage.list_files("s3://no-such-bucket-here/x")
+
+
+# --- conditional writes, versions, ages -----------------------------------------------------
+
+def test_conditional_create_and_compare_and_swap(root):
+    path = storage.join(root, "_claims", "00001.json")
+    first = storage.create_if_absent(path, b"one")
+    assert first is not None and storage.create_if_absent(path, b"two") is None
+    assert storage.read_versioned(path).data == b"one"
+    assert storage.put_if_match(path, b"stale", '"' + "0" * 32 + '"') is None
+    second = storage.put_if_match(path, b"three", first)
+    assert second is not None and second != first
+    assert storage.put_if_match(path, b"late", first) is None          # the etag this writer saw is gone
+    current = storage.read_versioned(path)
+    assert (current.data, current.etag) == (b"three", second)
+    assert storage.put_if_match(storage.join(root, "_claims", "absent.json"), b"x", second) is None
+    assert storage.read_versioned(storage.join(root, "_claims", "absent.json")) is None
+
+
+def test_etag_changes_on_every_write(root):
+    path = storage.join(root, "state.json")
+    etags = []
+    for i in range(5):
+        storage.write_bytes(path, f"version {i}".encode())
+        etags.append(storage.read_versioned(path).etag)
+    assert len(set(etags)) == 5
+    if not storage.is_remote(root):  # locally even the same bytes written again get a new etag
+        storage.write_bytes(path, b"version 4")
+        assert storage.read_versioned(path).etag != etags[-1]
+
+
+def test_compare_and_swap_has_exactly_one_winner(root):
+    path = storage.join(root, "_claims", "00002.json")
+    etag = storage.create_if_absent(path, b"start")
+    start = threading.Barrier(8)
+    won: dict[int, str | None] = {}
+
+    def swap(i: int) -> None:
+        start.wait()
+        won[i] = storage.put_if_match(path, f"writer {i}".encode(), etag)
+
+    threads = [threading.Thread(target=swap, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, new_etag in won.items() if new_etag is not None]
+    assert len(winners) == 1
+    current = storage.read_versioned(path)
+    assert (current.data, current.etag) == (f"writer {winners[0]}".encode(), won[winners[0]])
+
+
+def test_age_uses_the_storage_clock_not_the_clients(root, monkeypatch):
+    path = storage.join(root, "claim.json")
+    storage.write_bytes(path, b"x")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)   # this client's clock is an hour fast
+    # S3 stamps Date and Last-Modified in whole seconds, so a fresh object's age is 0 or 1 (2 on a slow box).
+    assert 0 <= storage.read_versioned(path).age <= 2
+    if not storage.is_remote(root):  # a file last written 100 s ago by the file system's clock
+        os.utime(path, (os.stat(path).st_atime, os.stat(path).st_mtime - 100))
+        assert 99 <= storage.read_versioned(path).age <= 102
+
+
+def test_durable_create_is_visible_whole_or_not_at_all(root):
+    data = os.urandom(1 << 20 if storage.is_remote(root) else 4 << 20)
+    paths = [storage.join(root, "_ledger", f"{i:05d}.json") for i in range(4 if storage.is_remote(root) else 16)]
+    creating = [0]   # the index of the path being created
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:  # reads the path being created as fast as it can
+        while not done.is_set():
+            try:
+                seen.append(len(storage.read_bytes(paths[creating[0]])))
+            except FileNotFoundError:
+                pass
+
+    reader = threading.Thread(target=watch)
+    reader.start()
+    for i, path in enumerate(paths):
+        creating[0] = i
+        assert storage.put_if_absent(path, data)
+    done.set()
+    reader.join()
+    assert seen and set(seen) == {len(data)}
+    if not storage.is_remote(root):
+        assert not [p for p in os.listdir(storage.parent(paths[0])) if p.endswith(".tmp")]
+
+
+def test_expand_inputs_lists_each_folder_once(root):
+    _make_shards(root, 12)
+    data = storage.join(root, "data")
+    storage.REQUESTS.clear()
+    assert len(storage.expand_inputs(data + "/{00000..00011}.tar")) == 12
+    assert len(storage.expand_inputs(data + "/{00000..00005}.tar") + storage.expand_inputs(data)) == 18
+    assert storage.REQUESTS == {"list": 3}    # one listing per call, however many names; no per-shard stat
+
+
+# --- a store that breaks: reads cut off mid-stream, gateways that ignore conditions ---------
+
+@pytest.fixture
+def via_proxy(s3_bucket, s3_server, monkeypatch):
+    """The test bucket reached through a loopback proxy that can cut responses short."""
+    with S3Proxy(s3_server.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setattr(storage, "RESUME_BACKOFF_S", 0.01)
+        storage.reset_s3_client()
+        yield s3_bucket, proxy
+        storage.reset_s3_client()
+
+
+def test_read_cut_off_mid_stream_resumes_or_raises(via_proxy):
+    bucket, proxy = via_proxy
+    data = os.urandom(3 << 20)
+    path = f"{bucket}/shards/00000.tar"
+    storage.write_bytes(path, data)
+
+    proxy.cut_next_reads(2, after_bytes=100_000)             # a flaky connection: resumed where it broke
+    assert storage.read_bytes(path) == data
+    proxy.cut_next_reads(1, after_bytes=100_000)
+    with storage.open_read(path) as stream:
+        assert stream.read() == data
+
+    proxy.cut_next_reads(100, after_bytes=0)                 # a dead one: an error naming the file, never short
+    with pytest.raises(OSError, match=f"read {path} failed at byte .* after {storage.READ_RESUMES} resumes"):
+        storage.read_bytes(path)
+    with pytest.raises(OSError, match="00000.tar"), storage.open_read(path) as stream:
+        while stream.read(512):
+            pass
+
+    proxy.cut_next_reads(1, after_bytes=100_000)             # the object changes while it is being read
+    stream = storage.open_read(path)
+    storage.write_bytes(path, os.urandom(3 << 20))
+    with pytest.raises(OSError, match="changed or went away while being read"):
+        stream.read()
+    stream.close()
+
+
+def test_transient_errors_are_retried_and_a_lost_answer_is_recognised(via_proxy, monkeypatch):
+    bucket, proxy = via_proxy
+    path, lost = f"{bucket}/_ledger/00000.json", f"{bucket}/_ledger/00001.json"
+    proxy.fail_next(1)                                  # 503 before the server saw the request: retried
+    assert storage.put_if_absent(path, b"mine")
+    proxy.fail_next(1, after_forwarding=True)           # created, then the answer was lost: the retry is
+    assert storage.put_if_absent(lost, b"mine too")     # refused (412), the stored bytes show it was ours
+    proxy.fail_next(1, after_forwarding=True)
+    assert not storage.put_if_absent(lost, b"someone else's")
+    assert storage.list_files(f"{bucket}/_ledger") == [path, lost]
+
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)  # a store that keeps failing: errors, never "absent"
+    storage.reset_s3_client()
+    proxy.fail_next(1000)
+    for call in (storage.read_versioned, storage.exists):
+        with pytest.raises(OSError, match=path):
+            call(path)
+    with pytest.raises(OSError, match=f"list {bucket}/_ledger failed: SlowDown"):
+        storage.list_files(f"{bucket}/_ledger")
+
+
+@pytest.fixture(scope="module")
+def lax_server():
+    """A second SeaweedFS that also takes unsigned writes, behind a proxy that drops If-None-Match / If-Match."""
+    server = SeaweedS3(anonymous=True)
+    server.start()
+    with S3Proxy(server.endpoint, drop_headers=("If-None-Match", "If-Match"), anonymous=True) as proxy:
+        server.client().create_bucket(Bucket="lax")
+        yield proxy
+    server.stop()
+
+
+def test_probe_refuses_storage_that_ignores_conditions(lax_server, s3_bucket, monkeypatch, tmp_path):
+    assert storage.probe_conditional_writes(str(tmp_path / "out")) is None
+    assert storage.probe_conditional_writes(f"{s3_bucket}/out") is None
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", lax_server.url)
+    storage.reset_s3_client()
+    path = "s3://lax/out/_ledger/00000.json"
+    assert storage.put_if_absent(path, b"first") and storage.put_if_absent(path, b"second")  # last writer wins
+    reason = storage.probe_conditional_writes("s3://lax/out")
+    assert reason and "ignores If-None-Match" in reason and lax_server.url in reason
+    assert storage.list_files("s3://lax/out/_probe") == []   # the probe cleans up after itself

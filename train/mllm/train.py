@@ -213,25 +213,14 @@ def train(cfg: StageConfig) -> Path:
     net.train()
     start = time.perf_counter()
     for step in range(1, total_steps + 1):
-        micro = [next(batches) for _ in range(accumulation)]
-        # Global count of answer tokens (labels shift by one), so every token weighs the same.
-        tokens = distributed.all_reduce_sum(sum((m["labels"][:, 1:] != IGNORE).sum() for m in micro).to(ctx.device))
-        total = torch.zeros((), device=ctx.device)
-        for k, m in enumerate(micro):
-            last = k == accumulation - 1
-            m = {key: v.to(ctx.device, non_blocking=True) if v is not None else None for key, v in m.items()}
-            with sync_context(net, last), torch.autocast("cuda", dtype=dtype, enabled=cuda and not cfg.fsdp):
-                logits, labels = net(m["ids"], m["mask"], m["images"], m["labels"])
-                loss_sum, _ = summed_loss(logits, labels)
-                # DDP and FSDP average gradients over processes: scale back to a sum, then by all tokens.
-                (loss_sum * ctx.world / tokens.clamp(min=1)).backward()
-            total += loss_sum.detach()
+        loss_sum, tokens = accumulate(net, [next(batches) for _ in range(accumulation)], ctx,
+                                      dtype if cuda and not cfg.fsdp else None)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == total_steps:
-            loss = distributed.all_reduce_sum(total) / tokens.clamp(min=1)
+            loss = distributed.all_reduce_sum(loss_sum) / tokens.clamp(min=1)
             logger.log(step, {"loss": loss.item(), "grad_norm": float(grad_norm), "tokens": float(tokens),
                               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start})
     logger.plot()
@@ -239,6 +228,29 @@ def train(cfg: StageConfig) -> Path:
     out = save_run(model, cfg, config, ctx)
     distributed.teardown(ctx)
     return out
+
+
+def accumulate(net: nn.Module, micro: list[dict], ctx: distributed.Context, autocast: torch.dtype | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over this rank's micro-batches of one global batch.
+
+    Gradients end up as those of the mean loss over every answer token of the global batch, however
+    it is split over processes and micro-batches. Returns this rank's summed loss and the global
+    number of answer tokens.
+    """
+    # Labels shift by one: the first position is never a target.
+    tokens = distributed.all_reduce_sum(sum((m["labels"][:, 1:] != IGNORE).sum() for m in micro).to(ctx.device))
+    total = torch.zeros((), device=ctx.device)
+    for k, m in enumerate(micro):
+        m = {key: v.to(ctx.device, non_blocking=True) if v is not None else None for key, v in m.items()}
+        with sync_context(net, k == len(micro) - 1):  # DDP's no_sync must cover the backward too
+            with torch.autocast(ctx.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                logits, labels = net(m["ids"], m["mask"], m["images"], m["labels"])
+                loss_sum, _ = summed_loss(logits, labels)
+            # DDP and FSDP average gradients over processes: scale back to a sum, then divide by all tokens.
+            (loss_sum * ctx.world / tokens.clamp(min=1)).backward()
+        total += loss_sum.detach()
+    return total, tokens
 
 
 def sync_context(net: nn.Module, last: bool):

@@ -19,20 +19,26 @@ from torch.distributed.tensor import DTensor
 from train import distributed
 from train.mllm.conversation import TEMPLATES
 from train.mllm.data import ExampleStream, LlavaJson, make_loader
+from train.mllm.model import load_run
 from train.mllm.tiny import build_tiny_lm, build_tiny_tower, write_shape_task
-from train.mllm.train import STAGE2, accumulate, model_config, prepare_model, wrap
+from train.mllm.train import STAGE2, StageConfig, accumulate, model_config, prepare_model, save_run, wrap
 
 GLOBAL_BATCH, MICRO = 4, 2
 
 
-def gradients(root: Path, fsdp: bool) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and full gradients of one global batch, in whatever process group is current."""
-    ctx = distributed.setup()
+def stage2(root: Path, **fields) -> StageConfig:
     task = root / "task"
-    cfg = replace(STAGE2, data=str(task / "train.json"), out="", lm=str(root / "lm"), tower=str(root / "tower.pt"),
-                  fsdp=fsdp, micro_batch_size=MICRO, batch_size=GLOBAL_BATCH)
+    return replace(STAGE2, data=str(task / "train.json"), image_folder=str(task / "images"), out="",
+                   lm=str(root / "lm"), tower=str(root / "tower.pt"), **fields)
+
+
+def gradients(root: Path, fsdp: bool, save: Path | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and full gradients of one global batch, in whatever process group is current (then
+    the run saved to `save`, if given)."""
+    ctx = distributed.setup()
+    cfg = stage2(root, fsdp=fsdp, micro_batch_size=MICRO, batch_size=GLOBAL_BATCH)
     model = prepare_model(cfg, model_config(cfg))
-    stream = ExampleStream(LlavaJson(task / "train.json", task / "images"), model.tokenizer, TEMPLATES[cfg.template],
+    stream = ExampleStream(LlavaJson(cfg.data, cfg.image_folder), model.tokenizer, TEMPLATES[cfg.template],
                            model.tower.prep, image_tokens=model.tower.shape()[0], max_length=cfg.max_length, seed=0,
                            rank=ctx.rank, world=ctx.world)
     batches = iter(make_loader(stream, MICRO, workers=0))
@@ -41,6 +47,8 @@ def gradients(root: Path, fsdp: bool) -> tuple[float, dict[str, torch.Tensor]]:
     loss = (distributed.all_reduce_sum(loss_sum) / tokens).item()
     grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
              for n, p in model.named_parameters() if p.grad is not None}
+    if save:
+        save_run(model, replace(cfg, out=str(save)), model_config(cfg), ctx)
     return loss, grads
 
 
@@ -49,7 +57,8 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     for mode in ("ddp", "fsdp"):
-        torch.save(gradients(Path(root), fsdp=mode == "fsdp"), Path(root) / f"{mode}-rank{rank}.pt")
+        save = Path(root) / "fsdp-run" if mode == "fsdp" else None
+        torch.save(gradients(Path(root), fsdp=mode == "fsdp", save=save), Path(root) / f"{mode}-rank{rank}.pt")
     distributed.teardown(distributed.setup())
 
 
@@ -80,3 +89,8 @@ def test_ddp_and_fsdp_match_one_process(tmp_path: Path) -> None:
             for name, grad in single.items():
                 # fp32 sums over the same tokens grouped differently (and reduced over ranks): order-only noise.
                 torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=f"{mode} rank {rank} {name}")
+    # The sharded model saves whole: untouched by an optimizer step, it is the model it started as.
+    cfg = stage2(tmp_path)
+    saved, fresh = load_run(tmp_path / "fsdp-run"), prepare_model(cfg, model_config(cfg))
+    for (name, a), b in zip(saved.state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

@@ -24,11 +24,13 @@ from pathlib import Path
 
 from train.mllm.conversation import TEMPLATES
 from train.mllm.evaluate import METRICS, PROMPTS, EvalConfig, run_eval
+from train.mllm.model import MLLMConfig
 from train.mllm.projector import PROJECTORS
 from train.mllm.train import STAGE1, STAGE2, StageConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 E = EvalConfig(model="", questions="", answers="")
+M = MLLMConfig(lm="", tower="")
 
 
 def add_stage_args(p: argparse.ArgumentParser, D: StageConfig) -> None:
@@ -43,20 +45,26 @@ def add_stage_args(p: argparse.ArgumentParser, D: StageConfig) -> None:
     p.add_argument("--image-folder", help="root of the JSON's image paths")
     p.add_argument("--image-size", type=int, help="input resolution (default: the tower's; ours take any multiple "
                                                   "of the patch size, e.g. 384 -> 768)")
-    p.add_argument("--layer", type=int, default=D.layer, help="tower hidden state fed to the projector "
-                                                              "(Hugging Face hidden_states index; -2 as LLaVA-1.5)")
-    p.add_argument("--projector", default=D.projector, help=f"one of {PROJECTORS} (or mlpNx_gelu)")
-    p.add_argument("--template", default=D.template, choices=sorted(TEMPLATES), help="conversation format")
-    p.add_argument("--batch-size", type=int, default=D.batch_size, help="GLOBAL batch")
+    p.add_argument("--layer", type=int, default=D.layer,
+                   help=f"tower hidden state fed to the projector, as a Hugging Face hidden_states index "
+                        f"(default: --init's, else {M.layer} as LLaVA-1.5)")
+    p.add_argument("--projector", default=D.projector,
+                   help=f"one of {PROJECTORS} or mlpNx_gelu (default: --init's, else {M.projector})")
+    p.add_argument("--template", default=D.template, choices=sorted(TEMPLATES),
+                   help="conversation format (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help="GLOBAL batch (default: %(default)s)")
     p.add_argument("--micro-batch-size", type=int, default=D.micro_batch_size,
-                   help="samples per process and forward pass (gradient accumulation makes up the rest)")
-    p.add_argument("--lr", type=float, default=D.lr, help="peak LR of the projector (and the LM in stage 2)")
+                   help="samples per process and forward pass; gradient accumulation makes up the rest "
+                        "(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=D.lr,
+                   help="peak LR of the projector (and the LM in stage 2) (default: %(default)s)")
     if D.stage == 2:
         p.add_argument("--tower-lr", type=float, help="also train the tower, at this peak LR (default: frozen)")
     p.add_argument("--epochs", type=float, default=D.epochs)
-    p.add_argument("--samples", type=int, help="wds: samples per epoch (default: counted from local shards)")
-    p.add_argument("--caption-field", default=D.caption_field, help="wds caption used as the target "
-                                                                     "(re_caption, or txt for the web caption)")
+    if D.stage == 1:
+        p.add_argument("--samples", type=int, help="wds: samples per epoch (default: counted from local shards)")
+        p.add_argument("--caption-field", default=D.caption_field, help="wds caption used as the target "
+                                                                         "(re_caption, or txt for the web caption)")
     p.add_argument("--warmup-ratio", type=float, default=D.warmup_ratio)
     p.add_argument("--weight-decay", type=float, default=D.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=D.max_grad_norm)

@@ -95,3 +95,61 @@ def test_loglikelihood_is_the_summed_logprob_of_the_continuation(plugin) -> None
 def test_unknown_model_args_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown model_args"):
         OpenVisionLlava(pretrained=str(tmp_path), conv_template="vicuna_v1")
+
+
+TASK_YAML = """task: openvision_shapes
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {questions}
+  cache_dir: {cache}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function shapes_task.doc_to_visual
+doc_to_text: !function shapes_task.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  until: ["\\n"]
+  max_new_tokens: 4
+process_results: !function shapes_task.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+TASK_FUNCTIONS = '''from PIL import Image
+
+IMAGES = {images!r}
+
+
+def doc_to_visual(doc):
+    return [Image.open(IMAGES + "/" + doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["text"]
+
+
+def process_results(doc, results):
+    return {{"exact_match": float(results[0].strip() == doc["answer"])}}
+'''
+
+
+def test_lmms_evaluator_runs_the_plugin_on_a_local_task(plugin, tmp_path: Path) -> None:
+    """lmms-eval's own evaluator, with a task defined like its benchmarks (a yaml and its functions)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    task = write_shape_task(tmp_path / "task", 3, image_size=32, seed=5)
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "shapes.yaml").write_text(
+        TASK_YAML.format(questions=task["questions"], cache=tmp_path / "hf-cache"))
+    (tmp_path / "include" / "shapes_task.py").write_text(TASK_FUNCTIONS.format(images=str(task["images"])))
+    manager = TaskManager(include_path=str(tmp_path / "include"), include_defaults=False)
+    out = simple_evaluate(model=plugin, tasks=["openvision_shapes"], task_manager=manager, log_samples=True)
+    samples = out["samples"]["openvision_shapes"]
+    assert len(samples) == 6  # two questions per image
+    assert 0.0 <= out["results"]["openvision_shapes"]["exact_match,none"] <= 1.0
+    first = samples[0]
+    image = Image.open(task["images"] / first["doc"]["image"]).convert("RGB")
+    assert first["resps"][0][0] == plugin.answerer.generate([(first["doc"]["text"], image)], 4, ["\n"])[0]

@@ -34,8 +34,8 @@ class OpenVisionLlava(lmms):
         super().__init__()
         if kwargs:
             raise ValueError(f"{MODEL_ID}: unknown model_args {sorted(kwargs)}")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if device in (None, "cuda"):  # one GPU per process under `accelerate launch` / torchrun
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
         dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         model = load_run(pretrained, DTYPES[dtype]).to(device).eval()
         self.answerer = Answerer(model, int(batch_size), int(max_new_tokens))

@@ -51,9 +51,10 @@ class StageConfig:
     tower_weights: str | None = None
     init: str | None = None  # an earlier stage's run folder: config, projector, LM and tower
     image_folder: str | None = None
+    # None below: --init's value, else MLLMConfig's (LLaVA-1.5: layer -2, mlp2x_gelu, the tower's resolution).
     image_size: int | None = None
-    layer: int = -2
-    projector: str = "mlp2x_gelu"
+    layer: int | None = None
+    projector: str | None = None
     template: str = "vicuna_v1"
     caption_field: str = "re_caption"  # wds: which caption is the target
     samples: int | None = None  # wds: samples per epoch (counted from local shards when unset)
@@ -88,7 +89,7 @@ def model_config(cfg: StageConfig) -> MLLMConfig:
         return replace(base, **{k: v for k, v in stage.items() if v is not None})
     if not cfg.lm or not cfg.tower:
         raise ValueError("without --init, both --lm and --tower are needed")
-    return MLLMConfig(**stage)
+    return MLLMConfig(**{k: v for k, v in stage.items() if v is not None})
 
 
 def prepare_model(cfg: StageConfig, config: MLLMConfig) -> LlavaModel:

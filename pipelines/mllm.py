@@ -35,7 +35,7 @@ M = MLLMConfig(lm="", tower="")
 
 def add_stage_args(p: argparse.ArgumentParser, D: StageConfig) -> None:
     p.add_argument("--data", required=True,
-                   help="LLaVA-format JSON" + (", or recaption wds shards ('OUT/wds/*.tar')" if D.stage == 1 else ""))
+                   help="LLaVA-format JSON, or recaption wds shards ('OUT/wds/*.tar') as image-caption pairs")
     p.add_argument("--out", required=True, help="run folder: mllm.json, projector.pt (+ lm/, tower.pt), metrics")
     p.add_argument("--init", help="an earlier stage's run folder (its config, projector, LM and tower)")
     p.add_argument("--lm", help="Hugging Face causal LM folder, e.g. SmolLM-135M, Meta-Llama-3-8B "
@@ -61,10 +61,11 @@ def add_stage_args(p: argparse.ArgumentParser, D: StageConfig) -> None:
     if D.stage == 2:
         p.add_argument("--tower-lr", type=float, help="also train the tower, at this peak LR (default: frozen)")
     p.add_argument("--epochs", type=float, default=D.epochs)
-    if D.stage == 1:
-        p.add_argument("--samples", type=int, help="wds: samples per epoch (default: counted from local shards)")
-        p.add_argument("--caption-field", default=D.caption_field, help="wds caption used as the target "
-                                                                         "(re_caption, or txt for the web caption)")
+    p.add_argument("--samples", type=int, help="wds: samples per epoch (default: counted from local shards)")
+    p.add_argument("--caption-field", default=D.caption_field, help="wds caption used as the target "
+                                                                     "(re_caption, or txt for the web caption)")
+    p.add_argument("--caption-prompt", default=D.caption_prompt,
+                   help="wds: the user's request after <image>, e.g. the recaptioning prompt (plain drops it)")
     p.add_argument("--warmup-ratio", type=float, default=D.warmup_ratio)
     p.add_argument("--weight-decay", type=float, default=D.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=D.max_grad_norm)

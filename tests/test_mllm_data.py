@@ -50,6 +50,8 @@ def test_recaption_shards_give_image_caption_pairs(tmp_path: Path, tok) -> None:
     caption = [t for t, label in zip(example.ids, example.labels) if label != IGNORE]
     assert example.ids[:2] == [tok.bos_token_id, IMAGE_ID] and caption[-1] == tok.eos_token_id
     assert tok.decode(caption[:-1]).startswith(("The image shows", "A single", "This is a simple"))
+    _, turns, _ = next(WdsCaptions(str(tmp_path / "*.tar"), prompt="Describe it.").records(0, 0, 0, 1))
+    assert turns[0] == {"from": "human", "value": "<image>\nDescribe it."}
 
 
 def write_tar(path: Path, members: dict[str, bytes]) -> None:

@@ -192,3 +192,18 @@ def test_cached_greedy_decoding_matches_full_forward(model, parts) -> None:
     results = model.loglikelihood(*answerer.batch(rows))
     assert [greedy for _, greedy in results] == [True, True]
     assert all(logprob < 0 for logprob, _ in results)
+
+
+def test_text_only_batch_still_reaches_every_trainable_vision_parameter(parts) -> None:
+    """DDP and FSDP need a gradient for every trainable parameter in every step, images or not."""
+    cfg = replace(STAGE2, data=str(parts["task"]["conversations"]), out="", lm=str(parts["lm"]),
+                  tower=str(parts["tower"]), tower_lr=1e-4)
+    model = prepare_model(cfg, model_config(cfg)).train()
+    text = encode([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "red"}], model.tokenizer,
+                  model.template, has_image=False)
+    b = collate([Example(text.ids, text.labels, None, "text")])
+    logits, labels = model(b["ids"], b["mask"], b["images"], b["labels"])
+    loss, count = summed_loss(logits, labels)
+    (loss / count).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.projector.parameters())
+    assert model.tower.vision.patch_embed.weight.grad is not None

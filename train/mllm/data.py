@@ -3,8 +3,9 @@
 Sources:
 - LLaVA-format JSON (LLaVA-Pretrain `blip_laion_cc_sbu_558k.json`, `llava_v1_5_mix665k.json`):
   a list of {"id", "image" (relative to the image folder, optional), "conversations"};
-- our recaption job's `wds/` shards for stage 1: the image and its recaption
-  (`{key}.re_caption.txt`) as the caption, which closes the loop recaptioning -> MLLM.
+- our recaption job's `wds/` shards: the image and its recaption (`{key}.re_caption.txt`) as the
+  caption, which closes the loop recaptioning -> MLLM (stage 1, or a caption stage with the LM
+  learning as in OpenVision's SmolLM ablation).
 
 A sample that cannot be used (missing or broken image, malformed conversation, nothing left to
 learn after truncation) stops training with an error naming the file, the sample and the reason;
@@ -82,8 +83,9 @@ class WdsCaptions:
     """Image-caption pairs from recaption `wds/` shards (`{key}.jpg` + `{key}.{field}.txt`)."""
 
     def __init__(self, pattern: str, caption_field: str = "re_caption", samples: int | None = None,
-                 shuffle_buffer: int = 1000):
+                 prompt: str = "", shuffle_buffer: int = 1000):
         self.urls, self.field, self.shuffle_buffer = expand_urls(pattern), caption_field, shuffle_buffer
+        self.user = f"{IMAGE}\n{prompt}" if prompt else IMAGE
         self.size = samples if samples is not None else count_local_samples(self.urls, f".{caption_field}.txt")
 
     def __len__(self) -> int:
@@ -104,7 +106,7 @@ class WdsCaptions:
             caption = text_field(sample, f"{self.field}.txt").strip()
             if not caption:
                 raise DataError(f"{name}: empty {self.field}")
-            yield name, [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": caption}], image
+            yield name, [{"from": "human", "value": self.user}, {"from": "gpt", "value": caption}], image
 
 
 def count_local_samples(urls: list[str], suffix: str) -> int:

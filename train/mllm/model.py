@@ -69,6 +69,12 @@ class LlavaModel(nn.Module):
         """
         text = self.lm.get_input_embeddings()(ids.clamp(min=0))
         pictures = self.image_embeddings(images).to(text.dtype) if images is not None and len(images) else None
+        if pictures is None and self.training:
+            # A batch without images (text-only LLaVA samples) still runs the trainable vision parts on a
+            # blank image, at zero weight: DDP and FSDP expect every trainable parameter in every backward.
+            size = self.tower.prep.size
+            blank = self.image_embeddings(text.new_zeros(1, 3, size, size, dtype=next(self.tower.parameters()).dtype))
+            text = text + 0 * blank.sum().to(text.dtype)
         rows, row_labels, used = [], [], 0
         for i in range(ids.shape[0]):
             n = int(mask[i].sum())

@@ -44,7 +44,7 @@ from train.optim import warmup_cosine
 class StageConfig:
     """One training stage; `STAGE1` / `STAGE2` hold LLaVA-1.5's defaults for each."""
     stage: int
-    data: str  # LLaVA-format JSON, or a recaption wds shard pattern (stage 1)
+    data: str  # LLaVA-format JSON, or a recaption wds shard pattern
     out: str
     lm: str | None = None  # Hugging Face causal LM folder (default: --init's)
     tower: str | None = None  # our checkpoint or "open_clip:NAME" (default: --init's)
@@ -57,6 +57,7 @@ class StageConfig:
     projector: str | None = None
     template: str = "vicuna_v1"
     caption_field: str = "re_caption"  # wds: which caption is the target
+    caption_prompt: str = ""  # wds: the user's words after <image> (the plain template drops them)
     samples: int | None = None  # wds: samples per epoch (counted from local shards when unset)
     batch_size: int = 128  # global
     micro_batch_size: int = 16  # per process and forward pass
@@ -94,14 +95,14 @@ def model_config(cfg: StageConfig) -> MLLMConfig:
 
 def prepare_model(cfg: StageConfig, config: MLLMConfig) -> LlavaModel:
     """Build, load --init's weights, and set what learns: projector; + LM in stage 2; + tower if asked."""
+    if cfg.stage == 1 and cfg.tower_lr is not None:
+        raise ValueError("stage 1 trains the projector only; --tower-lr is a stage-2 option")
     torch.manual_seed(cfg.seed)  # every rank starts from the same projector
     model = build(config)
     if cfg.init:
         model.projector.load_state_dict(torch.load(Path(cfg.init) / PROJECTOR_FILE, map_location="cpu"))
         if (Path(cfg.init) / TOWER_FILE).exists():
             model.tower.load_state_dict(torch.load(Path(cfg.init) / TOWER_FILE, map_location="cpu"))
-    if cfg.stage == 1 and cfg.tower_lr is not None:
-        raise ValueError("stage 1 trains the projector only; --tower-lr is a stage-2 option")
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
     if cfg.stage == 2:
@@ -144,9 +145,7 @@ def wrap(model: LlavaModel, cfg: StageConfig, ctx: distributed.Context, dtype: t
 def make_source(cfg: StageConfig) -> LlavaJson | WdsCaptions:
     if cfg.data.endswith(".json"):
         return LlavaJson(cfg.data, cfg.image_folder)
-    if cfg.stage != 1:
-        raise ValueError(f"{cfg.data}: stage 2 reads LLaVA-format conversation JSON")
-    return WdsCaptions(cfg.data, cfg.caption_field, cfg.samples)
+    return WdsCaptions(cfg.data, cfg.caption_field, cfg.samples, cfg.caption_prompt)
 
 
 def full_state(model: LlavaModel) -> dict[str, torch.Tensor]:

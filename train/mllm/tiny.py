@@ -100,3 +100,28 @@ def write_shape_task(out_dir: str | Path, n: int, *, image_size: int = 64, seed:
     (out / "train.json").write_text(json.dumps(conversations))
     (out / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     return {"conversations": out / "train.json", "questions": out / "questions.jsonl", "images": out / "images"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m train.mllm.tiny OUT`: the stand-ins and data of the synthetic experiment in OUT."""
+    import argparse
+
+    from dataset.synthetic.training_shards import write_recaptioned_wds
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("out")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--train", type=int, default=400, help="training images (two questions each)")
+    p.add_argument("--test", type=int, default=60, help="held-out images (two questions each)")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    build_tiny_lm(out / "lm", hidden=128)
+    build_tiny_tower(out / "tower.pt", image_size=a.image_size)
+    write_recaptioned_wds(out / "wds", shards=2, per_shard=32, image_size=a.image_size)
+    write_shape_task(out / "train", a.train, image_size=a.image_size, seed=0)
+    write_shape_task(out / "test", a.test, image_size=a.image_size, seed=1)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -51,6 +51,13 @@ def read_scorer(store: ShardStore) -> dict | None:
         return None
 
 
+def describe_scorer(identity: dict | None) -> str:
+    """A scorer identity as text: `model (pretrained)`."""
+    if not identity:
+        return "no model recorded"
+    return identity.get("model", "?") + (f" ({identity['pretrained']})" if identity.get("pretrained") else "")
+
+
 def register_scorer(store: ShardStore, identity: dict) -> None:
     """Record the model of this version's scores (first run), or refuse another model's."""
     path = storage.join(store.base, SCORER_FILE)
@@ -114,13 +121,14 @@ class ScoreLookup:
     def __init__(self, store: ShardStore, ledger: dict):
         path = store.files(ledger)[outputs.PARQUET_DIR]
         batches = list(outputs.iter_batches(path, SCORE_SCHEMA.names))
+        table = pa.Table.from_batches(batches, SCORE_SCHEMA)
         self.path = path
-        self.table = pa.Table.from_batches(batches, SCORE_SCHEMA)
+        self.columns = {name: table[name].combine_chunks() for name in ["key", *SCORE_COLUMNS]}
 
     def take(self, keys: pa.Array | pa.ChunkedArray) -> dict[str, pa.Array]:
         """SCORE_COLUMNS for `keys`; a key without a score row is an error (scores cover every ok row)."""
-        index = pc.index_in(keys, value_set=self.table["key"])
+        index = pc.index_in(keys, value_set=self.columns["key"])
         if index.null_count:
             missing = pc.filter(keys, pc.is_null(index))[0].as_py()
             raise ValueError(f"{self.path}: no score row for key {missing!r} (and {index.null_count - 1} more)")
-        return {name: self.table[name].take(index) for name in SCORE_COLUMNS}
+        return {name: self.columns[name].take(index) for name in SCORE_COLUMNS}

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from dataset import hub, outputs, storage
 from dataset.card import CardInfo, ScoreInfo, render_card
+from dataset.destinations import open_destination, upload_line
 from dataset.outputs import ROW_SCHEMA
 from dataset.stats import LengthStats
 from scoring.scores import (
@@ -45,9 +46,9 @@ from scoring.scores import (
     SCORE_SCHEMA,
     ScoreCoverage,
     ScoreLookup,
-    coverage,
     describe_scorer,
     score_store,
+    scores_to_join,
 )
 
 # Recap-DataComp-1B's columns first, in its order and types (its tools and img2dataset commands name
@@ -62,10 +63,6 @@ CARD_SAMPLES = 5
 DATA_DIR = "data"
 TRAIN_PATTERN, PREVIEW_PATTERN = "train-*", "preview-*"
 MB = 1_000_000
-
-
-class ScoresIncomplete(ValueError):
-    """Some published shards have current CLIP scores and some do not."""
 
 
 def published_schema(with_scores: bool) -> pa.Schema:
@@ -179,26 +176,6 @@ def make_plan(run: outputs.FinishedRun, target_bytes: int, files_per_folder: int
     return Plan(run, train, f"{DATA_DIR}/preview-00000-of-00001.parquet", nested)
 
 
-def join_scores(plan: Plan, wanted: bool) -> str:
-    """Decide whether the plan's rows get CLIP scores (sets `plan.scores`); returns the decision as a line."""
-    if not wanted:
-        return "CLIP scores: not joined (--no-scores)"
-    found = coverage(plan.run)
-    published = plan.shards
-    missing = [shard for shard in published if shard not in found.current]
-    if len(missing) == len(published):
-        return (f"CLIP scores: none for these shards (run pipelines/score.py --input {plan.run.out} to add "
-                "re_clip_score and org_clip_score)")
-    if missing:
-        raise ScoresIncomplete(
-            f"{plan.run.out}: {len(published) - len(missing)} of {len(published)} published shards have CLIP "
-            f"scores, {len(missing)} do not (first: {', '.join(missing[:5])}). Finish scoring with "
-            f"`python pipelines/score.py --input {plan.run.out}` with {describe_scorer(found.scorer)} "
-            "or publish without scores (--no-scores).")
-    plan.scores = found
-    return f"CLIP scores: joined for all {len(published)} shards, model {describe_scorer(found.scorer)}"
-
-
 def plan_lines(plan: Plan, dest: str) -> list[str]:
     """Human-readable plan: inputs, skipped shards, files with sizes, and how they will be sent."""
     run = plan.run
@@ -211,15 +188,6 @@ def plan_lines(plan: Plan, dest: str) -> list[str]:
     lines += [f"  {plan.preview}  {min(PREVIEW_ROWS, run.total('ok')):,} rows", "  README.md"]
     lines.append(upload_line(dest, len(plan.train) + 2))
     return lines
-
-
-def upload_line(dest: str, files: int) -> str:
-    if hub.is_hub(dest):
-        return (f"upload: {files} files to dataset repo {hub.repo_id(dest)}, each pre-uploaded when written, "
-                f"then one commit; token {hub.token_status()}")
-    if storage.is_remote(dest):
-        return f"upload: {files} objects, one PUT each (multipart for large files)"
-    return f"write: {files} files"
 
 
 def ok_batches(plan: Plan, shards: list[str], written: Written) -> Iterator[pa.RecordBatch]:
@@ -286,34 +254,6 @@ def preview_table(plan: Plan) -> pa.Table:
     return pa.Table.from_batches(batches, plan.schema)
 
 
-class StorageDestination:
-    """A local folder or `s3://bucket/prefix`: files land under their dataset paths; stale ones go at the end."""
-
-    def __init__(self, dest: str):
-        self.dest = dest
-
-    def put(self, local_file: str, rel: str) -> None:
-        storage.put_file(local_file, storage.join(self.dest, rel))
-
-    def finish(self, keep: set[str], is_managed: Callable[[str], bool]) -> list[str]:
-        """Delete managed files, in the folders `keep` writes to, that are not in `keep`; returns their paths."""
-        stale = []
-        for folder in sorted({rel.rsplit("/", 1)[0] if "/" in rel else "" for rel in keep}):
-            for path in storage.list_files(storage.join(self.dest, folder) if folder else self.dest):
-                rel = f"{folder}/{storage.basename(path)}" if folder else storage.basename(path)
-                if rel not in keep and is_managed(rel):
-                    storage.delete(path)
-                    stale.append(path)
-        return stale
-
-
-def open_destination(dest: str, staging: str, *, public: bool, endpoint: str | None,
-                     log: Callable[[str], None]) -> hub.HubDestination | StorageDestination:
-    if hub.is_hub(dest):
-        return hub.HubDestination(dest, staging, public=public, endpoint=endpoint, log=log)
-    return StorageDestination(dest)
-
-
 def is_data_file(rel: str) -> bool:
     """The files a publish owns under data/ (an earlier publish's are replaced)."""
     return rel.startswith(f"{DATA_DIR}/") and rel.endswith(".parquet")
@@ -330,7 +270,7 @@ def publish(input_dir: str, dest: str, config: PublishConfig | None = None, log:
     if not run.ledgers:
         raise ValueError(f"{input_dir}: no committed shards to publish")
     plan = make_plan(run, config.target_bytes, config.files_per_folder)
-    score_line = join_scores(plan, config.scores)
+    plan.scores, score_line = scores_to_join(run, plan.shards, config.scores)
     for line in [*plan_lines(plan, dest), score_line]:
         log(line)
     if config.dry_run:

@@ -35,6 +35,10 @@ SCORE_SCHEMA = pa.schema([
 LEDGER_READ_THREADS = 16
 
 
+class ScoresIncomplete(ValueError):
+    """Some of the shards to publish have current CLIP scores and some do not."""
+
+
 class ScorerMismatch(ValueError):
     """The version's scores come from another model; scores of two models never mix in one version."""
 
@@ -132,3 +136,31 @@ class ScoreLookup:
             missing = pc.filter(keys, pc.is_null(index))[0].as_py()
             raise ValueError(f"{self.path}: no score row for key {missing!r} (and {index.null_count - 1} more)")
         return {name: self.columns[name].take(index) for name in SCORE_COLUMNS}
+
+    def by_key(self) -> dict[str, dict[str, float | None]]:
+        """Key -> {score column: value} for the whole shard."""
+        values = {name: self.columns[name].to_pylist() for name in SCORE_COLUMNS}
+        return {key: {name: values[name][i] for name in SCORE_COLUMNS}
+                for i, key in enumerate(self.columns["key"].to_pylist())}
+
+
+def scores_to_join(run: outputs.FinishedRun, shards: list[str], wanted: bool) -> tuple[ScoreCoverage | None, str]:
+    """Whether rows of `shards` get CLIP scores, and the decision as a line for the log.
+
+    All shards current: the coverage. None: no scores (the line says how to add them). Some but not
+    all: ScoresIncomplete naming the unscored shards, never a silent mix of scored and unscored rows.
+    """
+    if not wanted:
+        return None, "CLIP scores: not joined (--no-scores)"
+    found = coverage(run)
+    missing = [shard for shard in shards if shard not in found.current]
+    if len(missing) == len(shards):
+        return None, (f"CLIP scores: none for these shards (run pipelines/score.py --input {run.out} to add "
+                      "re_clip_score and org_clip_score)")
+    if missing:
+        raise ScoresIncomplete(
+            f"{run.out}: {len(shards) - len(missing)} of {len(shards)} shards have current CLIP scores, "
+            f"{len(missing)} do not (first: {', '.join(missing[:5])}). Finish scoring with "
+            f"`python pipelines/score.py --input {run.out}` and {describe_scorer(found.scorer)}, "
+            "or leave the scores out (--no-scores).")
+    return found, f"CLIP scores: joined for all {len(shards)} shards, model {describe_scorer(found.scorer)}"

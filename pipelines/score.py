@@ -48,8 +48,9 @@ def run_stage(config: ScoreConfig) -> int:
         print(f"[score] --num-workers {config.num_workers}: this version scores in one process", flush=True)
     summary = run_sequential(config, log=lambda line: print(line, flush=True))
     print(f"[score] done: {summary['committed']} shards committed, {summary['lost']} lost to another run, "
-          f"{len(summary['skipped'])} held by another run")
-    return 0 if not summary["skipped"] and not summary["abandoned"] else 1
+          f"{len(summary['skipped'])} held by another run (rerun to score them), {len(summary['failed'])} failed"
+          + "".join(f"\n  failed {shard}: {error}" for shard, error in summary["failed"].items()))
+    return 0 if not (summary["skipped"] or summary["abandoned"] or summary["failed"]) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

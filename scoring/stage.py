@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tarfile
 import tempfile
 import threading
 import time
@@ -186,6 +187,9 @@ def score_shard(output: Output, task: ScoreTask, scorer: ClipScorer, scorer_iden
     recaption = output.store.read_ledger(task.shard)
     if recaption is None:
         raise FileNotFoundError(f"{output.base}: shard {task.shard} has no committed recaption ledger to score")
+    if recaption.get("fingerprint") != output.fingerprint:
+        raise ValueError(f"{output.store.ledger_path(task.shard, recaption['generation'])}: fingerprint "
+                         f"{recaption.get('fingerprint')} is not the version's {output.fingerprint}; not scored")
     current = store.read_ledger(task.shard)
     if current is not None and is_current(current, recaption):
         return {"shard": task.shard, "outcome": "committed", "ledger": current, "already": True}
@@ -279,14 +283,15 @@ class _LockedScorer:
 def run_sequential(config: ScoreConfig, log: Callable[[str], None] = print) -> dict:
     """Score every pending shard in this process, under claims, then sweep dead attempts' files.
 
-    Returns {"shards", "committed", "lost", "abandoned", "skipped"}: skipped are shards another run holds.
+    Returns {"shards", "committed", "lost", "abandoned", "skipped", "failed"}: skipped are shards another
+    run holds; failed maps shards whose attempt raised to the error (the others are still scored).
     """
     output = Output.open(config.input, config.fingerprint)
     store = score_store(output)
     todo = pending(output)
     log(f"[score] {len(output.store.done())} committed shards in {output.base}, {len(todo)} to score "
         f"with {config.spec.describe()}")
-    summary = {"shards": len(todo), "committed": 0, "lost": 0, "abandoned": 0, "skipped": []}
+    summary = {"shards": len(todo), "committed": 0, "lost": 0, "abandoned": 0, "skipped": [], "failed": {}}
     if not todo:
         return summary
     worker = ScoreWorker(config.input, output.fingerprint, config.spec, config.batch_size, config.device)
@@ -300,8 +305,14 @@ def run_sequential(config: ScoreConfig, log: Callable[[str], None] = print) -> d
                 log(f"[score] {shard}: held by another run, skipped")
                 continue
             store.clean_leftovers(shard)
-            outcome = worker.process(ScoreTask(shard, claim_token=token, generation=generation))
-            held.release(shard)
+            try:
+                outcome = worker.process(ScoreTask(shard, claim_token=token, generation=generation))
+            except (OSError, ValueError, tarfile.TarError) as e:   # storage, read, data: the shard failed, not the run
+                summary["failed"][shard] = f"{type(e).__name__}: {e}"
+                log(f"[score] {shard} ({i}/{len(todo)}): FAILED {type(e).__name__}: {e}")
+                continue
+            finally:
+                held.release(shard)
             summary[outcome["outcome"]] += 1
             ledger = outcome["ledger"] or {}
             log(f"[score] {shard} ({i}/{len(todo)}): {outcome['outcome']}, {ledger.get('scored', 0)} scored, "

@@ -7,6 +7,7 @@ a link, an image, emphasis or a table cell. Settings are written as sentences, n
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -38,6 +39,7 @@ COLUMN_DOCS = {
 MARKDOWN_PUNCTUATION = "\\`*_{}[]()#+-.!|~:@$=^"
 HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 CELL_CHARS = 160
+NUMBER = re.compile(r"-?[\d,]+(\.\d+)?")   # digits, separators and a sign form no Markdown
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
                    (10_000_000_000, "1B<n<10B"))
@@ -85,8 +87,12 @@ def md_text(value) -> str:
 
 
 def _cell(value) -> str:
-    """A table cell: long text shortened before escaping (an escape is never cut in half)."""
+    """A table cell: numbers as they are, text shortened before escaping (an escape is never cut in half)."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
     text = " ".join(("" if value is None else str(value)).split())
+    if NUMBER.fullmatch(text):
+        return text
     return md_text(text if len(text) <= CELL_CHARS else text[:CELL_CHARS - 1] + "…")
 
 

@@ -35,6 +35,7 @@ from scoring.scores import SCORE_COLUMNS, ScoreCoverage, ScoreLookup, coverage, 
 THUMB_PX = 192
 SCORE_EXTREMES = 6     # lowest and highest re_clip_score rows shown
 LENGTH_BINS = 100      # a web caption of 10,000 words must not make 10,000 bars
+LENGTH_SHOWN = 0.99    # the plot's x axis ends at this quantile of caption lengths
 ROW_COLUMNS = ["key", "source_key", "status", "error", "notes", "finish_reason", "num_tokens", "quality",
                "org_length", "re_length"]
 ROW_SCHEMA_SUBSET = pa.schema([outputs.ROW_SCHEMA.field(name) for name in ROW_COLUMNS])
@@ -218,21 +219,35 @@ def samples_section(run: outputs.FinishedRun, rows: dict[str, dict], shards: lis
     return section("samples", f"Samples ({len(cards)})", f'<div class="grid">{"".join(cards)}</div>')
 
 
+def _quantile(counts: Counter, q: float) -> int:
+    """The smallest length at or below which a share `q` of the rows lie."""
+    total, seen = sum(counts.values()), 0
+    for length in sorted(counts):
+        seen += counts[length]
+        if seen >= q * total:
+            return length
+    return 0
+
+
 def lengths_section(org: LengthStats, re: LengthStats, shards: int) -> str:
     fig = Figure(figsize=(9, 3.2))
     ax = fig.subplots()
-    top = max([*org.counts, *re.counts, 1])
+    both = org.counts + re.counts
+    top = max(_quantile(both, LENGTH_SHOWN), 1)   # a few 10,000-word web captions must not flatten the plot
+    hidden = sum(n for length, n in both.items() if length > top)
     bins = np.linspace(0, top + 1, min(top + 2, LENGTH_BINS + 1))  # one bar per length up to LENGTH_BINS bars
     for stats, label, color in ((org, "web caption", "#4c78a8"), (re, "recaption", "#f58518")):
-        ax.hist(list(stats.counts), bins=bins, weights=list(stats.counts.values()), alpha=0.6, label=label, color=color)
+        shown = {length: n for length, n in stats.counts.items() if length <= top}
+        ax.hist(list(shown), bins=bins, weights=list(shown.values()), alpha=0.6, label=label, color=color)
     ax.set_xlabel("words")
     ax.set_ylabel("rows")
     ax.legend(loc="upper right")
-    stats_table = table(["caption", "rows", "mean words", "median words"], [
-        ["web (org_caption)", f"{org.n:,}", f"{org.mean:.1f}", f"{org.median:g}"],
-        ["recaption (re_caption)", f"{re.n:,}", f"{re.mean:.1f}", f"{re.median:g}"]])
+    stats_table = table(["caption", "rows", "mean words", "median words", "longest"], [
+        ["web (org_caption)", f"{org.n:,}", f"{org.mean:.1f}", f"{org.median:g}", f"{max(org.counts, default=0):,}"],
+        ["recaption (re_caption)", f"{re.n:,}", f"{re.mean:.1f}", f"{re.median:g}", f"{max(re.counts, default=0):,}"]])
+    note = f" {hidden:,} captions longer than {top:,} words are left out of the plot." if hidden else ""
     return section("caption-lengths", "Caption length, web vs recaption", _png(fig), stats_table,
-                   f"<p>ok rows of {shards:,} sampled shards.</p>")
+                   f"<p>ok rows of {shards:,} sampled shards.{note}</p>")
 
 
 def errors_section(run: outputs.FinishedRun, sampled: Sampled) -> str:

@@ -22,6 +22,7 @@ from PIL import Image
 from dataset import storage
 from dataset.outputs import Output, load_finished
 from dataset.synthetic import finished_runs
+from pipelines import score as score_cli
 from scoring import scores, stage
 from scoring.clip import ClipModelSpec
 from scoring.stage import ScoreConfig, ScoreTask, ScoreWorker, run_sequential
@@ -104,9 +105,10 @@ def test_scores_are_open_clips_cosines_one_per_ok_row(tmp_path, clip_dir, capsys
     assert ledger["scorer"] == ClipModelSpec(f"local-dir:{clip_dir}").identity()
 
 
-def test_rerun_is_a_noop_and_another_model_is_refused(tmp_path, clip_dir):
+def test_rerun_is_a_noop_and_another_model_is_refused(tmp_path, clip_dir, capsys):
     out = finished(tmp_path / "out")
-    run_sequential(config(out, clip_dir))
+    assert score_cli.main(["--input", out, "--clip-model", f"local-dir:{clip_dir}", "--batch-size", "5"]) == 0
+    assert f"[score] done: {SHARDS} shards committed" in capsys.readouterr().out
     base = Path(out, scores.STAGE)
     before = {p: p.stat().st_mtime_ns for p in base.rglob("*") if p.is_file() and "_claims" not in p.parts}
     assert run_sequential(config(out, clip_dir)) == {"shards": 0, "committed": 0, "lost": 0, "abandoned": 0,

@@ -1,6 +1,7 @@
 """A real recaption run for the publish and report tests: `pipelines/recaption.py --backend null` on two
 img2dataset-style shards, 00000 clean but with hostile web captions (Markdown, HTML, links), 00001 with
-every kind of bad input the synthetic writer makes. Made once per pytest process (it costs ~20 s)."""
+every kind of bad input the synthetic writer makes. Made once per pytest process (it costs ~20 s). The job
+runs as a subprocess: it starts a local Ray instance and leaves it running, which must not outlive it here."""
 from __future__ import annotations
 
 import io

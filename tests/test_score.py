@@ -43,6 +43,13 @@ def clip_dir(tmp_path_factory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
+@pytest.fixture(scope="module")
+def reference_model(clip_dir):
+    """The tiny model loaded by open_clip itself: (model, preprocess, tokenizer)."""
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    return model, preprocess, open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+
+
 def finished(path: Path) -> str:
     finished_runs.write_recaption_outputs(str(path), SHARDS, PER_SHARD, errors_per_shard=ERRORS)
     return str(path)
@@ -65,7 +72,7 @@ def ok_rows(out: str) -> dict[str, list[dict]]:
                     if r["status"] == "ok"] for shard in run.store.done()}
 
 
-def reference_cosines(out: str, clip_dir: Path, rows: list[dict], shard: str) -> dict[str, tuple[float, float]]:
+def reference_cosines(out: str, reference_model, rows: list[dict], shard: str) -> dict[str, tuple[float, float]]:
     """open_clip's own cosines, computed here from the committed WDS tar with tarfile and PIL."""
     output = Output.open(out)
     images = {}
@@ -74,8 +81,7 @@ def reference_cosines(out: str, clip_dir: Path, rows: list[dict], shard: str) ->
             key, ext = member.name.split(".", 1)
             if ext == "jpg":
                 images[key] = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+    model, preprocess, tokenizer = reference_model
     with torch.no_grad():
         image = model.encode_image(torch.stack([preprocess(images[r["key"]]) for r in rows]), normalize=True)
         re = model.encode_text(tokenizer([r["re_caption"] for r in rows]), normalize=True)
@@ -83,20 +89,20 @@ def reference_cosines(out: str, clip_dir: Path, rows: list[dict], shard: str) ->
     return {r["key"]: (float(image[i] @ re[i]), float(image[i] @ org[i])) for i, r in enumerate(rows)}
 
 
-def test_scores_are_open_clips_cosines_one_per_ok_row(tmp_path, clip_dir, capsys):
+def test_scores_are_open_clips_cosines_one_per_ok_row(tmp_path, clip_dir, reference_model):
     out = finished(tmp_path / "out")
     summary = run_sequential(config(out, clip_dir))
     assert summary["committed"] == SHARDS
     got, want = committed_scores(out), ok_rows(out)
     assert sorted(got) == sorted(want)
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+    tokenizer = reference_model[2]
     long_captions = [r for rows in want.values() for r in rows
                      if len(tokenizer.encode(r["re_caption"])) + 2 > tokenizer.context_length]
     assert long_captions, "no caption longer than the 16-token context: the cut is not exercised"
     for shard, rows in want.items():
         assert [s["key"] for s in got[shard]] == [r["key"] for r in rows]          # every ok row once, in order
         assert all(s["error"] is None for s in got[shard])
-        reference = reference_cosines(out, clip_dir, rows, shard)
+        reference = reference_cosines(out, reference_model, rows, shard)
         values = np.array([[s["re_clip_score"], s["org_clip_score"]] for s in got[shard]])
         assert np.all(np.abs(values) <= 1.0)
         np.testing.assert_allclose(values, np.array([reference[s["key"]] for s in got[shard]]), atol=ATOL, rtol=0)

@@ -1,20 +1,23 @@
-"""Upload a published dataset to a Hugging Face Hub dataset repo, a batch of files at a time.
+"""Publish to a Hugging Face Hub dataset repo in ONE commit, to a private repo unless asked otherwise.
+
+Each finished file is pre-uploaded as soon as it is written (`HfApi.preupload_lfs_files`: large files
+go to the Hub's LFS/Xet storage, invisible until a commit names them, and leave local disk at once);
+`finish` then makes one `create_commit` that adds every file and deletes the stale ones together, with
+`parent_commit` set to the head seen at the start, so readers see the old dataset or the new one, never
+a mix, and a concurrent publish makes this one fail instead of interleaving. Small files the Hub stores
+in git ("regular": README.md) stay in local staging until the commit.
 
 The token comes from `HF_TOKEN` or `hf auth login` (huggingface_hub finds it; it is never printed),
-the endpoint from `HF_ENDPOINT` or the caller. Files are staged in a local folder and sent with
-`HfApi.upload_folder`, which in huggingface_hub 2.x splits large uploads into several commits and
-resumes an interrupted one (unchanged files are skipped). Staging is emptied after every batch, so
-local disk holds at most one batch.
+the endpoint from `HF_ENDPOINT` or the caller.
 """
 from __future__ import annotations
 
+import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 HF_SCHEME = "hf://"
-# upload_folder (huggingface_hub 2.x) starts at about 250 files per commit and adapts from there.
-FILES_PER_COMMIT = 250
 
 
 def is_hub(dest: str) -> bool:
@@ -37,40 +40,50 @@ def token_status() -> str:
 
 
 class HubDestination:
-    """Receives finished files (`put`), uploads them `batch_files` at a time, and prunes stale data files."""
+    """Receives finished files (`put`: pre-uploaded at once), then commits them all in one commit (`finish`)."""
 
-    def __init__(self, dest: str, *, batch_files: int = 20, private: bool = False, endpoint: str | None = None):
+    def __init__(self, dest: str, staging: str, *, public: bool = False, endpoint: str | None = None,
+                 log: Callable[[str], None] = print):
         from huggingface_hub import HfApi
 
-        self.repo_id = repo_id(dest)
-        self.api = HfApi(endpoint=endpoint)
-        self.batch_files = batch_files
-        self.staging = Path(tempfile.mkdtemp(prefix="ov-hub-"))
-        self.staged = 0
-        self.commits: list[str] = []
-        self.api.create_repo(self.repo_id, repo_type="dataset", private=private, exist_ok=True)
+        self.repo_id, self.api, self.log = repo_id(dest), HfApi(endpoint=endpoint), log
+        self.api.create_repo(self.repo_id, repo_type="dataset", private=not public, exist_ok=True)
+        info = self.api.dataset_info(self.repo_id)
+        if not info.private and not public:
+            raise ValueError(f"{HF_SCHEME}{self.repo_id} exists and is public; publish to it with --public, "
+                             "or make it private on the Hub first")
+        if info.private and public:
+            log(f"note: {HF_SCHEME}{self.repo_id} exists and is private; it stays private "
+                "(change its visibility on the Hub)")
+        self.private = info.private
+        self.parent = info.sha   # the commit this publish builds on
+        self.staging = Path(staging)   # the caller's temporary folder: regular files wait here for the commit
+        self.additions: list = []
+        self.commit: str | None = None
 
     def put(self, local_file: str, rel: str) -> None:
-        target = self.staging / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(local_file, target)
-        self.staged += 1
-        if self.staged >= self.batch_files:
-            self._upload("Add data files")
+        """Stage one file and pre-upload it if the Hub keeps it in LFS/Xet storage (then it leaves local disk)."""
+        from huggingface_hub import CommitOperationAdd
 
-    def finish(self, keep: set[str]) -> list[str]:
-        """Upload what is staged and delete the repo's `data/` files that are not in `keep`; returns those."""
-        remote = self.api.list_repo_files(self.repo_id, repo_type="dataset")
-        stale = sorted(f for f in remote if f.startswith("data/") and f not in keep)
-        if self.staged or stale:
-            self._upload("Add dataset card" + (f", remove {len(stale)} stale data files" if stale else ""), stale)
-        shutil.rmtree(self.staging, ignore_errors=True)
+        staged = self.staging / rel
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(local_file, staged)
+        addition = CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(staged))
+        self.api.preupload_lfs_files(self.repo_id, [addition], repo_type="dataset", free_memory=True)
+        if not isinstance(addition.path_or_fileobj, str):  # uploaded: huggingface_hub dropped its local path
+            os.remove(staged)
+        self.additions.append(addition)
+
+    def finish(self, keep: set[str], is_managed: Callable[[str], bool]) -> list[str]:
+        """One commit: every file put, and the deletion of managed files not in `keep`; returns those."""
+        from huggingface_hub import CommitOperationDelete
+
+        remote = self.api.list_repo_files(self.repo_id, repo_type="dataset", revision=self.parent)
+        stale = sorted(f for f in remote if is_managed(f) and f not in keep)
+        operations = [*self.additions, *(CommitOperationDelete(path_in_repo=f) for f in stale)]
+        message = f"Publish {len(self.additions)} files" + (f", remove {len(stale)} stale files" if stale else "")
+        info = self.api.create_commit(self.repo_id, operations, commit_message=message, repo_type="dataset",
+                                      parent_commit=self.parent)
+        self.commit = info.oid
+        self.log(f"committed {info.oid} to {'private' if self.private else 'public'} dataset repo {self.repo_id}")
         return [f"{HF_SCHEME}{self.repo_id}/{f}" for f in stale]
-
-    def _upload(self, message: str, delete: list[str] | None = None) -> None:
-        info = self.api.upload_folder(repo_id=self.repo_id, repo_type="dataset", folder_path=self.staging,
-                                      commit_message=message, delete_patterns=delete or None)
-        self.commits.append(info.oid)
-        shutil.rmtree(self.staging)
-        self.staging.mkdir()
-        self.staged = 0

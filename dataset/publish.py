@@ -1,19 +1,31 @@
-"""Turn a recaption output folder into a Hub-ready dataset: sized Parquet files, a preview split, a card.
+"""Turn a recaption output into a Hub-ready dataset: sized Parquet files, a preview split, a card.
 
 Written to a local folder, `s3://bucket/prefix` or `hf://ORG/NAME`:
 
     README.md                               dataset card (dataset/card.py)
-    data/train-00000-of-000NN.parquet       the ok rows of every done shard, about `target_bytes` each
+    data/train-00000-of-000NN.parquet       the ok rows of every committed shard, about `target_bytes` each
     data/preview-00000-of-00001.parquet     the first PREVIEW_ROWS ok rows
 
-Only done shards are published (ledger present with the run's fingerprint). Error rows are not
-published: they have no recaption, and a `train` split of usable pairs is what users load; the card
-lists how many were left out and why. Rows are streamed one Parquet batch at a time, so memory holds
-at most one row group, whatever the size of the run. Output files are planned from the input files'
-sizes before anything is written, so every name `-of-NNNNN` is known when its file is written.
+One output version (fingerprint) is published: its committed shards, resolved through their ledgers;
+every row carries the `fingerprint` column. Error rows are not published: they have no recaption, and a
+`train` split of usable pairs is what users load; the card lists how many were left out and why.
+
+CLIP scores (scoring/) are joined by `key` as `re_clip_score` and `org_clip_score`, completing
+Recap-DataComp-1B's columns, when every published shard has current scores (scored from its latest
+recaption commit, by the one model the version records). When no shard has them, the dataset is
+published without the two columns (the card says so). When only some have them, publishing stops
+and names the unscored shards: finish scoring (`pipelines/score.py`), or pass `--no-scores`. Rows with
+and without scores never mix silently.
+
+Rows are streamed one Parquet batch at a time, so memory holds at most one row group, whatever the
+size of the run. Output files are planned from the input files' sizes before anything is written, so
+every name `-of-NNNNN` is known when its file is written. A Hub destination gets everything in one
+commit (dataset/hub.py); a local or S3 destination gets its files one by one, then stale data files
+from an earlier publish are deleted.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -25,19 +37,59 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dataset import hub, outputs, storage
-from dataset.card import CardInfo, render_card
+from dataset.card import CardInfo, ScoreInfo, render_card
+from dataset.destinations import open_destination, upload_line
 from dataset.outputs import ROW_SCHEMA
 from dataset.stats import LengthStats
+from scoring.scores import (
+    SCORE_COLUMNS,
+    SCORE_SCHEMA,
+    ScoreCoverage,
+    ScoreLookup,
+    describe_scorer,
+    score_store,
+    scores_to_join,
+)
 
-# Recap-DataComp-1B's columns first (users' img2dataset commands name them), then ours.
-PUBLISHED_COLUMNS = ["url", "re_caption", "org_caption", "sha256", "key", "re_length", "org_length",
-                     "uid", "width", "height", "num_tokens", "finish_reason", "quality", "shard"]
-PUBLISHED_SCHEMA = pa.schema([ROW_SCHEMA.field(name) for name in PUBLISHED_COLUMNS])
+# Recap-DataComp-1B's columns first, in its order and types (its tools and img2dataset commands name
+# them), then ours.
+RECAP_COLUMNS = ["url", "re_caption", "org_caption", "sha256", "key", "re_clip_score", "org_clip_score",
+                 "re_length", "org_length"]
+OUR_COLUMNS = ["uid", "source_key", "width", "height", "num_tokens", "finish_reason", "quality", "notes", "shard",
+               "fingerprint"]
+RECAP_TYPES = {"re_length": pa.int64(), "org_length": pa.int64()}
 PREVIEW_ROWS = 1000
 CARD_SAMPLES = 5
 DATA_DIR = "data"
 TRAIN_PATTERN, PREVIEW_PATTERN = "train-*", "preview-*"
 MB = 1_000_000
+
+
+def published_schema(with_scores: bool) -> pa.Schema:
+    """The published columns: Recap-DataComp-1B's nine (seven without scores), then ours."""
+    fields = []
+    for name in RECAP_COLUMNS + OUR_COLUMNS:
+        if name in SCORE_COLUMNS:
+            if with_scores:
+                fields.append(SCORE_SCHEMA.field(name))
+        else:
+            source = ROW_SCHEMA.field(name)
+            fields.append(source.with_type(RECAP_TYPES.get(name, source.type)))
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    target_bytes: int = 500 * MB      # train file size: few files for the Hub's limits, one downloads quickly
+    row_group_bytes: int = 100 * MB   # in-memory Arrow bytes; the dataset viewer fails above ~286 MiB
+    files_per_folder: int = 9_000     # sub-folders of data/ beyond this (Hub limit: 10,000 per folder)
+    fingerprint: str | None = None    # the output version to publish (default: the current one)
+    title: str | None = None          # card title (default: the destination's name)
+    license_id: str = "cc-by-4.0"     # the license of the DataComp metadata
+    public: bool = False              # hf:// only: create the repo public (default private)
+    scores: bool = True               # join CLIP scores when the version has them (see the module docstring)
+    dry_run: bool = False
+    hub_endpoint: str | None = None
 
 
 def human_bytes(n: float) -> str:
@@ -62,12 +114,21 @@ class Plan:
     train: list[OutputFile]
     preview: str
     nested: bool
+    scores: ScoreCoverage | None = None   # set when the scores are joined
 
     @property
     def data_files(self) -> dict[str, str]:
         """Split -> glob pattern, as the card's `configs` names them."""
         folder = f"{DATA_DIR}/*" if self.nested else DATA_DIR
         return {"train": f"{folder}/{TRAIN_PATTERN}", "preview": f"{DATA_DIR}/{PREVIEW_PATTERN}"}
+
+    @property
+    def schema(self) -> pa.Schema:
+        return published_schema(self.scores is not None)
+
+    @property
+    def shards(self) -> list[str]:
+        return [shard for f in self.train for shard in f.shards]
 
     def paths(self) -> set[str]:
         return {f.path for f in self.train} | {self.preview, "README.md"}
@@ -82,6 +143,8 @@ class Written:
     error_rows: int = 0
     org_length: LengthStats = field(default_factory=LengthStats)
     re_length: LengthStats = field(default_factory=LengthStats)
+    score_sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SCORE_COLUMNS, 0.0))
+    scored_rows: int = 0
     samples: list[dict] = field(default_factory=list)
 
 
@@ -92,7 +155,7 @@ def _estimated_ok_bytes(ledger: dict) -> int:
 
 
 def make_plan(run: outputs.FinishedRun, target_bytes: int, files_per_folder: int = 9_000) -> Plan:
-    """Group done shards, in order, into train files of about `target_bytes` (a shard is never split)."""
+    """Group committed shards, in order, into train files of about `target_bytes` (a shard is never split)."""
     groups: list[list[dict]] = []
     size = 0
     for ledger in run.ledgers:
@@ -113,43 +176,43 @@ def make_plan(run: outputs.FinishedRun, target_bytes: int, files_per_folder: int
     return Plan(run, train, f"{DATA_DIR}/preview-00000-of-00001.parquet", nested)
 
 
-def plan_lines(plan: Plan, dest: str, hub_batch_files: int) -> list[str]:
+def plan_lines(plan: Plan, dest: str) -> list[str]:
     """Human-readable plan: inputs, skipped shards, files with sizes, and how they will be sent."""
     run = plan.run
-    lines = [f"input {run.out}: {len(run.ledgers)} done shards (fingerprint {run.fingerprint}), "
+    lines = [f"input {run.out}: {len(run.ledgers)} committed shards (fingerprint {run.fingerprint}), "
              f"{len(run.skipped)} skipped",
              *(f"  skipped {shard}: {reason}" for shard, reason in run.skipped),
              f"rows: {run.total('ok'):,} ok to publish, {run.total('error'):,} error rows left out",
              f"destination {dest}:"]
     lines += [f"  {f.path}  ~{human_bytes(f.estimated_bytes)} from {len(f.shards)} shards" for f in plan.train]
     lines += [f"  {plan.preview}  {min(PREVIEW_ROWS, run.total('ok')):,} rows", "  README.md"]
-    files = len(plan.train) + 2
-    if hub.is_hub(dest):
-        per_commit = min(hub_batch_files, hub.FILES_PER_COMMIT)
-        lines.append(f"upload: {files} files to dataset repo {hub.repo_id(dest)} with upload_folder, "
-                     f"{hub_batch_files} staged at a time: about {math.ceil(files / per_commit)} commit(s); "
-                     f"token {hub.token_status()}")
-    elif storage.is_remote(dest):
-        lines.append(f"upload: {files} objects, one PUT each (multipart for large files)")
+    lines.append(upload_line(dest, len(plan.train) + 2))
     return lines
 
 
-def ok_batches(run: outputs.FinishedRun, shards: list[str], written: Written) -> Iterator[pa.RecordBatch]:
-    """The ok rows of `shards` in PUBLISHED_SCHEMA, batch by batch; counts the error rows left out."""
+def ok_batches(plan: Plan, shards: list[str], written: Written) -> Iterator[pa.RecordBatch]:
+    """The ok rows of `shards` in the plan's schema, batch by batch, scores joined by key when the plan has them."""
+    run, schema = plan.run, plan.schema
+    row_columns = [name for name in schema.names if name not in SCORE_COLUMNS]
     for shard in shards:
         path = run.parquet(shard)
         expected = run.by_shard[shard]["ok"]
+        lookup = ScoreLookup(score_store(run.output), plan.scores.current[shard]) if plan.scores else None
         seen = 0
-        for batch in outputs.iter_batches(path, ["status", *PUBLISHED_COLUMNS]):
+        for batch in outputs.iter_batches(path, ["status", *row_columns]):
             ok = batch.filter(pc.equal(batch["status"], "ok"))
             written.error_rows += batch.num_rows - ok.num_rows
             seen += ok.num_rows
-            yield ok.select(PUBLISHED_COLUMNS).cast(PUBLISHED_SCHEMA)
+            columns = {name: ok[name] for name in row_columns}
+            if lookup is not None:
+                columns.update(lookup.take(ok["key"]))
+            yield pa.RecordBatch.from_arrays([columns[name].cast(schema.field(name).type) for name in schema.names],
+                                             schema=schema)
         if seen != expected:
             raise ValueError(f"{path}: {seen} ok rows, but its ledger says {expected}")
 
 
-def write_file(batches: Iterator[pa.RecordBatch], local: str, row_group_bytes: int,
+def write_file(batches: Iterator[pa.RecordBatch], local: str, schema: pa.Schema, row_group_bytes: int,
                on_batch: Callable[[pa.RecordBatch], None] = lambda b: None) -> tuple[int, int]:
     """Stream batches into one Parquet file in row groups of at most about `row_group_bytes` (in memory).
 
@@ -157,10 +220,10 @@ def write_file(batches: Iterator[pa.RecordBatch], local: str, row_group_bytes: i
     """
     rows = nbytes = pending_bytes = 0
     pending: list[pa.RecordBatch] = []
-    with pq.ParquetWriter(local, PUBLISHED_SCHEMA, compression="zstd") as writer:
+    with pq.ParquetWriter(local, schema, compression="zstd") as writer:
         def flush() -> None:
             nonlocal pending, pending_bytes
-            table = pa.Table.from_batches(pending, PUBLISHED_SCHEMA)
+            table = pa.Table.from_batches(pending, schema)
             writer.write_table(table, row_group_size=max(table.num_rows, 1))  # the whole table: one row group
             pending, pending_bytes = [], 0
 
@@ -180,63 +243,55 @@ def write_file(batches: Iterator[pa.RecordBatch], local: str, row_group_bytes: i
     return rows, nbytes
 
 
-def preview_table(run: outputs.FinishedRun) -> pa.Table:
+def preview_table(plan: Plan) -> pa.Table:
     """The first PREVIEW_ROWS ok rows."""
     batches, left = [], PREVIEW_ROWS
-    shards = [ledger["shard"] for ledger in run.ledgers if ledger["ok"]]
-    for batch in ok_batches(run, shards, Written()):
+    for batch in ok_batches(plan, plan.shards, Written()):
         if left <= 0:
             break
         batches.append(batch.slice(0, left))
         left -= batches[-1].num_rows
-    return pa.Table.from_batches(batches, PUBLISHED_SCHEMA)
+    return pa.Table.from_batches(batches, plan.schema)
 
 
-class StorageDestination:
-    """A local folder or `s3://bucket/prefix`: files land under their dataset paths; stale data files go."""
-
-    def __init__(self, dest: str):
-        self.dest = dest
-
-    def put(self, local_file: str, rel: str) -> None:
-        storage.put_file(local_file, storage.join(self.dest, rel))
-
-    def finish(self, keep: set[str]) -> list[str]:
-        """Delete Parquet files left in our folders by an earlier publish; returns their paths."""
-        stale = []
-        for folder in sorted({rel.rsplit("/", 1)[0] for rel in keep if "/" in rel}):
-            for path in storage.list_files(storage.join(self.dest, folder), ".parquet"):
-                if f"{folder}/{storage.basename(path)}" not in keep:
-                    storage.delete(path)
-                    stale.append(path)
-        return stale
+def is_data_file(rel: str) -> bool:
+    """The files a publish owns under data/ (an earlier publish's are replaced)."""
+    return rel.startswith(f"{DATA_DIR}/") and rel.endswith(".parquet")
 
 
-def publish(input_dir: str, dest: str, *, target_bytes: int = 500 * MB, row_group_bytes: int = 100 * MB,
-            files_per_folder: int = 9_000, dry_run: bool = False, fingerprint: str | None = None,
-            title: str | None = None, license_id: str = "cc-by-4.0", hub_batch_files: int = 20,
-            hub_endpoint: str | None = None, log: Callable[[str], None] = print) -> Plan:
-    """Publish the done shards of `input_dir` to `dest` (see the module docstring); returns the plan."""
-    run = outputs.load_finished(input_dir, fingerprint)
+def publish(input_dir: str, dest: str, config: PublishConfig | None = None, log: Callable[[str], None] = print,
+            **overrides) -> Plan:
+    """Publish the committed shards of `input_dir` to `dest` (see the module docstring); returns the plan.
+
+    `overrides` replace fields of `config` (e.g. `publish(out, dest, target_bytes=1 << 20)`).
+    """
+    config = dataclasses.replace(config or PublishConfig(), **overrides)
+    run = outputs.load_finished(input_dir, config.fingerprint)
     if not run.ledgers:
-        raise ValueError(f"{input_dir}: no done shards to publish")
-    plan = make_plan(run, target_bytes, files_per_folder)
-    for line in plan_lines(plan, dest, hub_batch_files):
+        raise ValueError(f"{input_dir}: no committed shards to publish")
+    plan = make_plan(run, config.target_bytes, config.files_per_folder)
+    plan.scores, score_line = scores_to_join(run, plan.shards, config.scores)
+    for line in [*plan_lines(plan, dest), score_line]:
         log(line)
-    if dry_run:
+    if config.dry_run:
         return plan
-    destination = (hub.HubDestination(dest, batch_files=hub_batch_files, endpoint=hub_endpoint)
-                   if hub.is_hub(dest) else StorageDestination(dest))
     written = Written()
 
-    def count_lengths(batch: pa.RecordBatch) -> None:
+    def measure(batch: pa.RecordBatch) -> None:
         written.org_length.add(batch["org_length"])
         written.re_length.add(batch["re_length"])
+        if plan.scores:
+            written.scored_rows += batch.num_rows - batch["re_clip_score"].null_count
+            for name in SCORE_COLUMNS:
+                written.score_sums[name] += pc.sum(batch[name]).as_py() or 0.0
 
     with tempfile.TemporaryDirectory(prefix="ov-publish-") as tmp:
+        destination = open_destination(dest, os.path.join(tmp, "staging"), public=config.public,
+                                       endpoint=config.hub_endpoint, log=log)
+
         def send(rel: str, split: str, batches: Iterator[pa.RecordBatch], on_batch=lambda b: None) -> None:
             local = os.path.join(tmp, rel.replace("/", "_"))
-            rows, nbytes = write_file(batches, local, row_group_bytes, on_batch)
+            rows, nbytes = write_file(batches, local, plan.schema, config.row_group_bytes, on_batch)
             written.rows[split] += rows
             written.arrow_bytes[split] += nbytes
             written.file_bytes[rel] = os.path.getsize(local)
@@ -244,31 +299,37 @@ def publish(input_dir: str, dest: str, *, target_bytes: int = 500 * MB, row_grou
             log(f"wrote {rel}: {rows:,} rows, {human_bytes(written.file_bytes[rel])}")
 
         for f in plan.train:
-            send(f.path, "train", ok_batches(run, f.shards, written), count_lengths)
-        preview = preview_table(run)
+            send(f.path, "train", ok_batches(plan, f.shards, written), measure)
+        preview = preview_table(plan)
         written.samples = preview.slice(0, CARD_SAMPLES).to_pylist()
         send(plan.preview, "preview", iter(preview.to_batches()))
         readme = os.path.join(tmp, "README.md")
         with open(readme, "w") as f:
-            f.write(render_card(card_info(plan, dest, written, title, license_id)))
+            f.write(render_card(card_info(plan, dest, written, config)))
         destination.put(readme, "README.md")
-        for path in destination.finish(plan.paths()):
+        for path in destination.finish(plan.paths(), is_data_file):
             log(f"removed stale {path}")
     log(f"published {written.rows['train']:,} train rows in {len(plan.train)} files and "
         f"{written.rows['preview']:,} preview rows to {dest}; left out {written.error_rows:,} error rows")
     return plan
 
 
-def card_info(plan: Plan, dest: str, written: Written, title: str | None, license_id: str) -> CardInfo:
+def card_info(plan: Plan, dest: str, written: Written, config: PublishConfig) -> CardInfo:
     run = plan.run
     repo = hub.repo_id(dest) if hub.is_hub(dest) else None
+    scores = None
+    if plan.scores:
+        n = max(written.scored_rows, 1)
+        scores = ScoreInfo(model=describe_scorer(plan.scores.scorer), re_mean=written.score_sums["re_clip_score"] / n,
+                           org_mean=written.score_sums["org_clip_score"] / n,
+                           unscored_rows=written.rows["train"] - written.scored_rows)
     return CardInfo(
-        title=title or (repo or storage.basename(dest)).rsplit("/", 1)[-1], repo_id=repo, license=license_id,
-        fingerprint=run.fingerprint, caption_config=run.caption_config,
+        title=config.title or (repo or storage.basename(dest)).rsplit("/", 1)[-1], repo_id=repo,
+        license=config.license_id, fingerprint=run.fingerprint, caption_config=run.caption_config,
         shards=len(run.ledgers), skipped_shards=len(run.skipped),
         ok_rows=written.rows["train"], error_rows=written.error_rows, errors_by_reason=dict(run.errors_by_reason()),
         duplicates=run.total("duplicates"), split_rows=dict(written.rows), split_bytes=dict(written.arrow_bytes),
         download_bytes=sum(written.file_bytes.values()), data_files=plan.data_files, nested=plan.nested,
-        schema=PUBLISHED_SCHEMA, org_length=written.org_length, re_length=written.re_length,
-        samples=written.samples,
+        schema=plan.schema, org_length=written.org_length, re_length=written.re_length,
+        samples=written.samples, scores=scores,
     )

@@ -1,41 +1,52 @@
-"""One self-contained HTML page about a recaption run: samples, caption lengths, errors, throughput.
+"""One self-contained HTML page about a recaption run: samples, caption lengths, errors, notes, CLIP scores,
+throughput.
 
 Everything is inlined (thumbnails as base64 JPEG, plots as base64 PNG), so the file can be mailed or
-attached to an issue. Ledgers are read for every done shard; rows (lengths, samples, error examples)
-come from `sample_shards` evenly spaced done shards, which keeps the cost flat for billion-row runs.
+attached to an issue. Ledgers are read for every committed shard; rows (lengths, samples, notes,
+scores) come from `sample_shards` evenly spaced committed shards, which keeps the cost flat for
+billion-row runs. Every error reason the ledgers count gets an example row: from the sampled shards,
+else from the first shard whose ledger lists it. Plots are drawn on `matplotlib.figure.Figure`
+objects (no pyplot state, no global backend switch).
 """
 from __future__ import annotations
 
 import base64
+import heapq
 import html
 import io
-import tarfile
+import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
 
-import matplotlib
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 (after choosing the headless backend)
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-from PIL import Image  # noqa: E402
+from dataset import outputs, storage
+from dataset.card import describe_config
+from dataset.stats import LengthStats
+from dataset.wds import iter_samples
+from scoring.scores import SCORE_COLUMNS, ScoreCoverage, ScoreLookup, coverage, describe_scorer, score_store
 
-from dataset import outputs, storage  # noqa: E402
-from dataset.card import SAMPLING_KEYS  # noqa: E402
-from dataset.stats import LengthStats  # noqa: E402
-
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
 THUMB_PX = 192
-ERROR_EXAMPLES = 12
-ROW_COLUMNS = ["key", "status", "error", "finish_reason", "num_tokens", "quality", "org_length", "re_length"]
+SCORE_EXTREMES = 6     # lowest and highest re_clip_score rows shown
+LENGTH_BINS = 100      # a web caption of 10,000 words must not make 10,000 bars
+LENGTH_SHOWN = 0.99    # the plot's x axis ends at this quantile of caption lengths
+ROW_COLUMNS = ["key", "source_key", "status", "error", "notes", "finish_reason", "num_tokens", "quality",
+               "org_length", "re_length"]
+ROW_SCHEMA_SUBSET = pa.schema([outputs.ROW_SCHEMA.field(name) for name in ROW_COLUMNS])
+NUMBER = re.compile(r"\d[\d,.]*")
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1240px; }
 .card, td { overflow-wrap: anywhere; }
 h1 { font-size: 22px; } h2 { font-size: 18px; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }
 table { border-collapse: collapse; font-size: 13px; }
-td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
+td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
 .facts td:first-child { color: #666; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 12px; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 8px; font-size: 12px; }
@@ -51,10 +62,9 @@ def _escape(value) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _png(fig) -> str:
+def _png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return f'<img class="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
@@ -76,41 +86,96 @@ def spaced(items: list, n: int) -> list:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else items[:1]
 
 
-def read_wds_samples(path: str, limit: int) -> list[dict]:
-    """The first `limit` samples of an output tar: {key, image, txt, re_caption.txt}."""
-    samples: dict[str, dict] = {}
-    with storage.open_read(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if key not in samples and len(samples) == limit:
-                break
-            data = tar.extractfile(member).read() if member.isfile() else b""
-            samples.setdefault(key, {"key": key})["image" if ext in IMAGE_EXTS else ext] = data
-    return list(samples.values())
-
-
 def section(anchor: str, title: str, *parts: str) -> str:
     return f'<section id="{anchor}"><h2>{_escape(title)}</h2>{"".join(parts)}</section>'
 
 
-def table(header: list[str], rows: list[list]) -> str:
+def table(header: list[str], rows: list[list], raw: set[int] = frozenset()) -> str:
+    """An HTML table; cells are escaped text except the columns in `raw` (HTML we built, e.g. thumbnails)."""
     head = "".join(f"<th>{_escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_escape(v)}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{v if i in raw else _escape(v)}</td>" for i, v in enumerate(row))
+                   + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def summary_section(run: outputs.FinishedRun) -> str:
-    c = run.caption_config
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{name} {n:,}" for name, n in counter.most_common()) or "none"
+
+
+def reason(error: str) -> str:
+    """The reason of an error row ('reason: detail'), as the ledgers count it."""
+    return error.split(":", 1)[0]
+
+
+def note_kind(note: str) -> str:
+    """A note with its numbers replaced by N: notes of one kind differ only in sizes and counts."""
+    return NUMBER.sub("N", note)
+
+
+# --- reading the sampled rows ----------------------------------------------------------------------
+
+@dataclass
+class Sampled:
+    """What the report gathers from the rows of the sampled shards (and the shards read for examples)."""
+    shards: list[str]
+    org: LengthStats = field(default_factory=LengthStats)
+    re: LengthStats = field(default_factory=LengthStats)
+    rows: dict[str, dict] = field(default_factory=dict)           # ok rows of the sample-grid shards, by key
+    errors: dict[str, dict] = field(default_factory=dict)         # reason -> first example row
+    notes: dict[str, dict] = field(default_factory=dict)          # note kind -> first example row
+    note_counts: Counter = field(default_factory=Counter)         # note kind -> rows (sampled shards)
+    error_shards_read: list[str] = field(default_factory=list)    # shards read only for error examples
+
+
+def shard_rows(run: outputs.FinishedRun, shard: str) -> pa.Table:
+    return pa.Table.from_batches(list(outputs.iter_batches(run.parquet(shard), ROW_COLUMNS)), schema=ROW_SCHEMA_SUBSET)
+
+
+def _collect_errors(sampled: Sampled, shard: str, rows: pa.Table) -> None:
+    for row in rows.filter(pc.equal(rows["status"], "error")).to_pylist():
+        sampled.errors.setdefault(reason(row["error"]), {**row, "shard": shard})
+
+
+def read_sampled(run: outputs.FinishedRun, sample_shards: int, grid_shards: int = 4) -> Sampled:
+    """Lengths, notes and error examples from the sampled shards; then examples of every other counted reason."""
+    sampled = Sampled(spaced([ledger["shard"] for ledger in run.ledgers], sample_shards))
+    for shard in sampled.shards:
+        rows = shard_rows(run, shard)
+        ok = rows.filter(pc.equal(rows["status"], "ok"))
+        sampled.org.add(ok["org_length"])
+        sampled.re.add(ok["re_length"])
+        if shard in sampled.shards[:grid_shards]:
+            sampled.rows.update({r["key"]: r for r in ok.select(["key", "finish_reason", "num_tokens", "quality"])
+                                 .to_pylist()})
+        _collect_errors(sampled, shard, rows)
+        for row in rows.filter(pc.is_valid(rows["notes"])).to_pylist():
+            for note in row["notes"].split("; "):
+                kind = note_kind(note)
+                sampled.note_counts[kind] += 1
+                sampled.notes.setdefault(kind, {**row, "note": note, "shard": shard})
+    for ledger in run.ledgers:   # reasons the sampled shards lack: the first shard whose ledger counts them
+        missing = set(ledger.get("errors_by_reason") or {}) - sampled.errors.keys()
+        if missing and ledger["shard"] not in sampled.shards:
+            _collect_errors(sampled, ledger["shard"], shard_rows(run, ledger["shard"]))
+            sampled.error_shards_read.append(ledger["shard"])
+    return sampled
+
+
+# --- sections ----------------------------------------------------------------------------------------
+
+def summary_section(run: outputs.FinishedRun, scores: ScoreCoverage) -> str:
     info = run.run or {}
     start = min((ledger["started_at"] for ledger in run.ledgers), default=None)
     end = max((ledger["finished_at"] for ledger in run.ledgers), default=None)
-    rows = [
-        ["output", run.out], ["fingerprint", run.fingerprint],
-        ["captioner", f"{c.get('model')} @ {c.get('revision')} ({c.get('backend')})"],
-        ["sampling", ", ".join(f"{k}={c[k]}" for k in SAMPLING_KEYS if k in c)],
-        ["shards", f"{len(run.ledgers):,} done, {len(run.skipped):,} not done or from another run"],
+    rows = [["output", run.out], ["fingerprint", run.fingerprint], *describe_config(run.caption_config)]
+    rows += [
+        ["shards", f"{len(run.ledgers):,} committed, {len(run.skipped):,} not committed or from another version"],
         ["rows", f"{run.total('ok'):,} ok, {run.total('error'):,} error, {run.total('duplicates'):,} duplicate keys"],
-        ["quality flags", ", ".join(f"{flag} {n:,}" for flag, n in run.quality_flags().most_common()) or "none"],
+        ["quality flags", _counts(run.quality_flags())],
+        ["non-regular input members", _counts(run.summed("nonregular")) +
+         " (links, folders and devices in the input tars; never read as data)"],
+        ["CLIP scores", f"{len(scores.current):,} of {len(run.ledgers):,} shards scored with "
+                        f"{describe_scorer(scores.scorer)}" if scores.current else "not computed"],
         ["time", f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(start))} UTC, {(end - start) / 60:,.1f} min"
          if start is not None else "n/a"],
         ["throughput", f"{info.get('images_per_s') or 0:,.1f} images/s, {info.get('tokens_per_s') or 0:,.0f} tokens/s "
@@ -141,56 +206,166 @@ def _sample_card(shard: str, sample: dict, row: dict) -> str:
 
 
 def samples_section(run: outputs.FinishedRun, rows: dict[str, dict], shards: list[str], count: int) -> str:
-    shards = [shard for shard in shards if "wds" in run.by_shard[shard]["files"]]
+    shards = [shard for shard in shards if outputs.WDS_DIR in run.by_shard[shard]["files"]]
     if not shards:
         return section("samples", "Samples", "<p>No WDS output in the sampled shards (the job ran without it).</p>")
     per_shard = max(1, -(-count // len(shards)))
     cards: list[str] = []
     for shard in shards:
-        for sample in read_wds_samples(run.wds(shard), min(per_shard, count - len(cards))):
+        for sample in iter_samples(run.wds(shard), min(per_shard, count - len(cards))):
             cards.append(_sample_card(shard, sample, rows.get(sample["key"], {})))
         if len(cards) >= count:
             break
     return section("samples", f"Samples ({len(cards)})", f'<div class="grid">{"".join(cards)}</div>')
 
 
+def _quantile(counts: Counter, q: float) -> int:
+    """The smallest length at or below which a share `q` of the rows lie."""
+    total, seen = sum(counts.values()), 0
+    for length in sorted(counts):
+        seen += counts[length]
+        if seen >= q * total:
+            return length
+    return 0
+
+
 def lengths_section(org: LengthStats, re: LengthStats, shards: int) -> str:
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    top = max([*org.counts, *re.counts, 1])
-    bins = range(0, top + 2)
+    fig = Figure(figsize=(9, 3.2))
+    ax = fig.subplots()
+    both = org.counts + re.counts
+    top = max(_quantile(both, LENGTH_SHOWN), 1)   # a few 10,000-word web captions must not flatten the plot
+    hidden = sum(n for length, n in both.items() if length > top)
+    bins = np.linspace(0, top + 1, min(top + 2, LENGTH_BINS + 1))  # one bar per length up to LENGTH_BINS bars
     for stats, label, color in ((org, "web caption", "#4c78a8"), (re, "recaption", "#f58518")):
-        ax.hist(list(stats.counts), bins=bins, weights=list(stats.counts.values()), alpha=0.6, label=label, color=color)
+        shown = {length: n for length, n in stats.counts.items() if length <= top}
+        ax.hist(list(shown), bins=bins, weights=list(shown.values()), alpha=0.6, label=label, color=color)
     ax.set_xlabel("words")
     ax.set_ylabel("rows")
-    ax.legend()
-    stats_table = table(["caption", "rows", "mean words", "median words"], [
-        ["web (org_caption)", f"{org.n:,}", f"{org.mean:.1f}", f"{org.median:g}"],
-        ["recaption (re_caption)", f"{re.n:,}", f"{re.mean:.1f}", f"{re.median:g}"]])
+    ax.legend(loc="upper right")
+    stats_table = table(["caption", "rows", "mean words", "median words", "longest"], [
+        ["web (org_caption)", f"{org.n:,}", f"{org.mean:.1f}", f"{org.median:g}", f"{max(org.counts, default=0):,}"],
+        ["recaption (re_caption)", f"{re.n:,}", f"{re.mean:.1f}", f"{re.median:g}", f"{max(re.counts, default=0):,}"]])
+    note = f" {hidden:,} captions longer than {top:,} words are left out of the plot." if hidden else ""
     return section("caption-lengths", "Caption length, web vs recaption", _png(fig), stats_table,
-                   f"<p>ok rows of {shards:,} sampled shards.</p>")
+                   f"<p>ok rows of {shards:,} sampled shards.{note}</p>")
 
 
-def errors_section(run: outputs.FinishedRun, examples: list[dict]) -> str:
+def errors_section(run: outputs.FinishedRun, sampled: Sampled) -> str:
     reasons = run.errors_by_reason().most_common()
     parts = []
     if reasons:
-        fig, ax = plt.subplots(figsize=(7, 0.4 * len(reasons) + 1))
+        fig = Figure(figsize=(7, 0.4 * len(reasons) + 1))
+        ax = fig.subplots()
         ax.barh([r for r, _ in reasons][::-1], [n for _, n in reasons][::-1], color="#e45756")
         ax.set_xlabel("rows")
         parts.append(_png(fig))
-    parts.append(table(["reason", "rows"], [[r, f"{n:,}"] for r, n in reasons] or [["none", 0]]))
-    if examples:
-        rows = [[e["shard"], e["key"], e["error"]] for e in examples]
-        parts.append("<h3>Examples</h3>" + table(["shard", "key", "error"], rows))
+    rows = []
+    for name, n in reasons:
+        e = sampled.errors.get(name)
+        rows.append([name, f"{n:,}", *([e["shard"], e["key"], e["source_key"], e["error"], e["notes"]] if e else
+                                       ["", "", "", "(no row with this reason found in the shards read)", ""])])
+    parts.append(table(["reason", "rows", "example shard", "key", "source_key", "error", "notes"], rows)
+                 if rows else "<p>No error rows.</p>")
+    if sampled.error_shards_read:
+        parts.append(f"<p>Examples of reasons the sampled shards lack come from {len(sampled.error_shards_read)} "
+                     f"other shards whose ledgers count them.</p>")
     return section("errors", f"Errors ({run.total('error'):,} rows)", *parts)
+
+
+def notes_section(sampled: Sampled) -> str:
+    """One example row per kind of note (notes of one kind differ only in numbers)."""
+    if not sampled.notes:
+        return section("notes", "Input notes", "<p>No notes in the sampled shards.</p>")
+    rows = [[kind, f"{sampled.note_counts[kind]:,}", e["shard"], e["key"], e["source_key"], e["note"]]
+            for kind, e in sorted(sampled.notes.items(), key=lambda item: -sampled.note_counts[item[0]])]
+    return section("notes", "Input notes (non-fatal problems)",
+                   table(["kind", "rows (sampled shards)", "example shard", "key", "source_key", "note"], rows))
+
+
+@dataclass
+class ScoreSample:
+    """CLIP scores of the sampled shards, and their extreme rows."""
+    values: dict[str, list[np.ndarray]] = field(default_factory=lambda: {name: [] for name in SCORE_COLUMNS})
+    errors: int = 0
+    lowest: list[tuple[float, str, str]] = field(default_factory=list)    # (score, shard, key)
+    highest: list[tuple[float, str, str]] = field(default_factory=list)
+
+
+def read_scores(run: outputs.FinishedRun, found: ScoreCoverage, shards: list[str]) -> ScoreSample:
+    sample = ScoreSample()
+    store = score_store(run.output)
+    for shard in shards:
+        if shard not in found.current:
+            continue
+        scores = ScoreLookup(store, found.current[shard]).by_key()
+        sample.errors += found.current[shard].get("error", 0)
+        for name in SCORE_COLUMNS:
+            sample.values[name].append(np.array([s[name] for s in scores.values() if s[name] is not None]))
+        scored = [(s["re_clip_score"], shard, key) for key, s in scores.items() if s["re_clip_score"] is not None]
+        sample.lowest = heapq.nsmallest(SCORE_EXTREMES, sample.lowest + scored)
+        sample.highest = heapq.nlargest(SCORE_EXTREMES, sample.highest + scored)
+    return sample
+
+
+def _extreme_rows(run: outputs.FinishedRun, picks: list[tuple[float, str, str]]) -> dict[str, dict]:
+    """Key -> {image, captions, scores} of the picked rows, read from their shards' WDS tars."""
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for _, shard, key in picks:
+        wanted[shard].add(key)
+    found: dict[str, dict] = {}
+    for shard, keys in wanted.items():
+        if outputs.WDS_DIR not in run.by_shard[shard]["files"]:
+            continue
+        for sample in iter_samples(run.wds(shard)):
+            if sample["key"] in keys:
+                found[sample["key"]] = sample
+                if keys <= found.keys():
+                    break
+    return found
+
+
+def scores_section(run: outputs.FinishedRun, found: ScoreCoverage, shards: list[str]) -> str:
+    if not found.current:
+        return section("clip-scores", "CLIP scores", "<p>Not computed: run <code>pipelines/score.py --input "
+                       f"{_escape(run.out)} --clip-model SPEC</code>.</p>")
+    sample = read_scores(run, found, shards)
+    values = {name: np.concatenate(arrays) if arrays else np.array([]) for name, arrays in sample.values.items()}
+    fig = Figure(figsize=(9, 3.2))
+    ax = fig.subplots()
+    every = np.concatenate(list(values.values()))
+    bins = np.linspace(every.min(), every.max(), 50) if every.size else 10
+    for (name, data), label, color in zip(values.items(), ("recaption", "web caption"), ("#f58518", "#4c78a8")):
+        ax.hist(data, bins=bins, alpha=0.6, label=f"{label} ({name})", color=color)
+    ax.set_xlabel("cosine(image, caption)")
+    ax.set_ylabel("rows")
+    ax.legend(loc="upper right")
+    stats = table(["score", "rows", "mean", "median", "5th pct", "95th pct"], [
+        [name, f"{len(data):,}", *(f"{v:.4f}" for v in (data.mean(), np.median(data), *np.percentile(data, [5, 95])))]
+        if len(data) else [name, "0", "", "", "", ""] for name, data in values.items()])
+    rows = _extreme_rows(run, sample.lowest + sample.highest)
+    parts = [_png(fig), stats, f"<p>{describe_scorer(found.scorer)}; ok rows of the sampled shards that are scored "
+                               f"({len(found.current):,} of {len(run.ledgers):,} shards scored); "
+                               f"{sample.errors:,} rows whose image could not be scored.</p>"]
+    for title, picks in (("Lowest re_clip_score", sample.lowest), ("Highest re_clip_score", sample.highest)):
+        table_rows = []
+        for score, shard, key in picks:
+            row = rows.get(key, {})
+            table_rows.append([_thumbnail(row["image"]) if row else "(no WDS)", shard, key, f"{score:.4f}",
+                               row.get("re_caption.txt", b"").decode("utf-8", "replace"),
+                               row.get("txt", b"").decode("utf-8", "replace")])
+        parts.append(f"<h3>{_escape(title)}</h3>" + table(
+            ["image", "shard", "key", "re_clip_score", "re_caption", "org_caption"], table_rows, raw={0}))
+    return section("clip-scores", "CLIP scores", *parts)
 
 
 def throughput_section(run: outputs.FinishedRun) -> str:
     ledgers = run.ledgers
     t0 = min(ledger["started_at"] for ledger in ledgers)
     workers = sorted({str(ledger.get("worker")) for ledger in ledgers})
-    colors = {w: plt.get_cmap("tab10")(i % 10) for i, w in enumerate(workers)}
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
+    cmap = colormaps["tab10"]
+    colors = {w: cmap(i % 10) for i, w in enumerate(workers)}
+    fig = Figure(figsize=(9, 5))
+    top, bottom = fig.subplots(2, 1, sharex=True)
     for metric, ax, label in (("images_per_s", top, "images/s"), ("tokens_per_s", bottom, "tokens/s")):
         for worker in workers:
             mine = [ledger for ledger in ledgers if str(ledger.get("worker")) == worker]
@@ -215,43 +390,38 @@ def throughput_section(run: outputs.FinishedRun) -> str:
                    table(["worker", "shards", "rows", "busy s", "images/s", "tokens/s"], rows))
 
 
-ROW_SCHEMA_SUBSET = pa.schema([outputs.ROW_SCHEMA.field(name) for name in ROW_COLUMNS])
+@dataclass(frozen=True)
+class ReportConfig:
+    samples: int = 24             # images in the sample grid
+    sample_shards: int = 200      # evenly spaced committed shards whose rows are read (millions of rows, seconds)
+    fingerprint: str | None = None  # the output version (default: the current one)
 
 
-def build_report(out: str, *, samples: int = 24, sample_shards: int = 200, fingerprint: str | None = None) -> str:
-    """The report's HTML for the done shards of OUT."""
-    run = outputs.load_finished(out, fingerprint)
+def build_report(out: str, config: ReportConfig | None = None, **overrides) -> str:
+    """The report's HTML for the committed shards of OUT; `overrides` replace fields of `config`."""
+    config = replace(config or ReportConfig(), **overrides)
+    run = outputs.load_finished(out, config.fingerprint)
     if not run.ledgers:
-        raise ValueError(f"{out}: no done shards to report on")
-    shards = spaced([ledger["shard"] for ledger in run.ledgers], sample_shards)
-    org, re = LengthStats(), LengthStats()
-    rows: dict[str, dict] = {}
-    examples: list[dict] = []
-    for shard in shards:
-        shard_rows = pa.Table.from_batches(list(outputs.iter_batches(run.parquet(shard), ROW_COLUMNS)),
-                                           schema=ROW_SCHEMA_SUBSET)
-        ok = shard_rows.filter(pc.equal(shard_rows["status"], "ok"))
-        org.add(ok["org_length"])
-        re.add(ok["re_length"])
-        if shard in shards[:4]:
-            rows.update({r["key"]: r for r in ok.select(["key", "finish_reason", "num_tokens", "quality"]).to_pylist()})
-        for row in shard_rows.filter(pc.equal(shard_rows["status"], "error")).to_pylist():
-            if len(examples) < ERROR_EXAMPLES:
-                examples.append({**row, "shard": shard})
+        raise ValueError(f"{out}: no committed shards to report on")
+    sampled = read_sampled(run, config.sample_shards)
+    samples = config.samples
+    scores = coverage(run)
     body = "".join([
         f"<h1>Recaption report: {_escape(out)}</h1>",
-        summary_section(run),
-        samples_section(run, rows, shards[:4], samples),
-        lengths_section(org, re, len(shards)),
-        errors_section(run, examples),
+        summary_section(run, scores),
+        samples_section(run, sampled.rows, sampled.shards[:4], samples),
+        lengths_section(sampled.org, sampled.re, len(sampled.shards)),
+        errors_section(run, sampled),
+        notes_section(sampled),
+        scores_section(run, scores, sampled.shards),
         throughput_section(run),
     ])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Recaption report</title>'
             f"<style>{CSS}</style></head><body>{body}</body></html>")
 
 
-def write_report(out: str, html_path: str, **options) -> int:
+def write_report(out: str, html_path: str, config: ReportConfig | None = None, **overrides) -> int:
     """Build the report and write it to `html_path` (local or s3://); returns its size in bytes."""
-    data = build_report(out, **options).encode()
+    data = build_report(out, config, **overrides).encode()
     storage.write_bytes(html_path, data)
     return len(data)

@@ -1,0 +1,1 @@
+"""Scores over a recaption output, each an extra stage committed through the output contract (dataset/outputs.py)."""

@@ -9,4 +9,5 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 _ROOT = str(_HERE.parent)
-sys.path[:] = [_ROOT] + [p for p in sys.path if p != _ROOT and Path(p or ".").resolve() != _HERE]
+# pipelines/ stays, last: processes a script spawns (img2dataset's, vLLM's) re-import it by name.
+sys.path[:] = [_ROOT] + [p for p in sys.path if p != _ROOT and Path(p or ".").resolve() != _HERE] + [str(_HERE)]

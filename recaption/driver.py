@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -278,13 +279,14 @@ def write_run_summary(cfg: RunConfig, progress: Progress, failed: dict[str, list
 
 
 def start_pool(cfg: RunConfig, pending: int, base: str, log: LogFile) -> Pool:
+    """Size the workers and start them; they write to `base` and their logs beside `log`."""
     started_here = init_ray(cfg.verbose)
     if not cfg.verbose:
         log.capture_libraries()
     sizing = size_workers(cluster_view(started_here), cfg.pool, cfg.job.engine.tensor_parallel_size, pending)
     where = "local Ray" if started_here else "the cluster (requested from its autoscaler)"
     print(f"[recaption] starting {sizing.line()} on {where}", flush=True)
-    pool = Pool(cfg.job, cfg.output, base, sizing, cfg.pool, verbose=cfg.verbose)
+    pool = Pool(cfg.job, log.out, base, sizing, cfg.pool, verbose=cfg.verbose)
     pool.start()
     return pool
 
@@ -325,7 +327,8 @@ def sample_run(cfg: RunConfig, tasks: list[Task], input_shards: int, log: LogFil
 def run(cfg: RunConfig) -> int:
     """Run the job; returns the process exit code (0: every pending shard done)."""
     started = time.time()
-    log = LogFile(cfg.output, "driver.log")
+    # --plan writes nothing under the output, its logs included.
+    log = LogFile(cfg.output if not cfg.plan else str(Path(tempfile.gettempdir()) / "openvision-plan"), "driver.log")
     if not cfg.verbose:
         quiet_environment()
         log.capture_libraries()
@@ -340,7 +343,7 @@ def run(cfg: RunConfig) -> int:
           f"(fingerprint {cfg.job.fingerprint}; {cfg.job.engine.backend} {cfg.job.engine.dtype}, "
           f"context {cfg.job.engine.max_model_len})", flush=True)
     if not cfg.verbose:
-        print(f"[recaption] library and worker logs: {log.shown if not cfg.plan else log.path}", flush=True)
+        print(f"[recaption] library and worker logs: {log.shown}", flush=True)
     if not tasks:
         print("[recaption] nothing pending", flush=True)
         return 0

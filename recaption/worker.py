@@ -39,9 +39,10 @@ from recaption.quiet import LogFile
 
 log = logging.getLogger("recaption.worker")
 
-# Test hook: "MODE:AFTER:MARKER". After AFTER requests were added, the next engine step fails once
-# (the first process to create MARKER): MODE 'raise' is an engine error (the worker sees it and
-# answers), 'exit' ends the process abruptly (kill -9, a lost node: the worker says nothing).
+# Test hook: "MODE:AFTER:MARKER", acted on once (by the first process to create MARKER). MODE 'raise':
+# after AFTER requests were added the next engine step fails (an engine error: the worker answers);
+# 'exit': the same step ends the process abruptly (kill -9, a lost node: the worker says nothing);
+# 'start': the worker fails to start.
 FAULT_ENV = "OPENVISION_FAULT_ENGINE"
 # Most requests a window may hold by default; memory is one prepared image per request.
 MAX_DEFAULT_WINDOW = 2048
@@ -126,11 +127,22 @@ class FaultyEngine:
         return self.engine.step()
 
     def _first(self) -> bool:
-        try:
-            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return True
-        except FileExistsError:
-            return False
+        return first_to_create(self.marker)
+
+
+def first_to_create(marker: str) -> bool:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def gpu_ids() -> list:
+    """The GPUs Ray gave this actor (empty in-process)."""
+    import ray
+
+    return ray.get_gpu_ids() if ray.is_initialized() else []
 
 
 class CaptionWorker:
@@ -142,13 +154,16 @@ class CaptionWorker:
         self.log = LogFile(out, log_file) if log_file else None
         if self.log:
             self.log.capture_process()
+        fault = os.environ.get(FAULT_ENV, "")
+        if fault.startswith("start:") and first_to_create(fault.split(":", 2)[2]):
+            raise RuntimeError("injected start failure")
         self.job = job.pinned()
         self.fingerprint = self.job.fingerprint
         self.store = ShardStore(fingerprint_base)
         self.owns_engine = engine is None
         self.engine = engine or make_engine(self.job.engine, self.job.sampling)
-        if os.environ.get(FAULT_ENV):
-            self.engine = FaultyEngine(self.engine, os.environ[FAULT_ENV])
+        if fault.startswith(("raise:", "exit:")):
+            self.engine = FaultyEngine(self.engine, fault)
         self.prompts = PromptBuilder(self.engine.processor, self.job.prompt)
         self.window = self.job.window or min(2 * self.engine.concurrency, MAX_DEFAULT_WINDOW)
         threads = max(1, self.job.decode_threads)
@@ -174,7 +189,7 @@ class CaptionWorker:
 
     def ready(self) -> dict:
         """The engine is up: where this worker runs and what it runs."""
-        return {"worker": self.name, "engine": asdict(self.job.engine), "window": self.window,
+        return {"worker": self.name, "gpus": gpu_ids(), "engine": asdict(self.job.engine), "window": self.window,
                 "concurrency": self.engine.concurrency, "decode_threads": self.job.decode_threads,
                 "log": self.log.shown if self.log else None}
 

@@ -278,17 +278,18 @@ def write_run_summary(cfg: RunConfig, progress: Progress, failed: dict[str, list
     return summary
 
 
-def start_pool(cfg: RunConfig, pending: int, base: str, log: LogFile) -> Pool:
+def start_pool(cfg: RunConfig, pending: int, base: str, log: LogFile) -> tuple[Pool, ClusterView]:
     """Size the workers and start them; they write to `base` and their logs beside `log`."""
     started_here = init_ray(cfg.verbose)
     if not cfg.verbose:
         log.capture_libraries()
-    sizing = size_workers(cluster_view(started_here), cfg.pool, cfg.job.engine.tensor_parallel_size, pending)
+    view = cluster_view(started_here)
+    sizing = size_workers(view, cfg.pool, cfg.job.engine.tensor_parallel_size, pending)
     where = "local Ray" if started_here else "the cluster (requested from its autoscaler)"
     print(f"[recaption] starting {sizing.line()} on {where}", flush=True)
     pool = Pool(cfg.job, log.out, base, sizing, cfg.pool, verbose=cfg.verbose)
     pool.start()
-    return pool
+    return pool, view
 
 
 def sample_run(cfg: RunConfig, tasks: list[Task], input_shards: int, log: LogFile) -> int:
@@ -296,7 +297,7 @@ def sample_run(cfg: RunConfig, tasks: list[Task], input_shards: int, log: LogFil
     first = tasks[0].shard
     started = time.time()
     with ScratchOutput() as scratch:
-        pool = start_pool(replace(cfg, pool=replace(cfg.pool, num_workers=1)), 1, scratch, log)
+        pool, view = start_pool(replace(cfg, pool=replace(cfg.pool, num_workers=1)), 1, scratch, log)
         try:
             while not pool.ready_workers:
                 pool.wait(1.0)
@@ -306,6 +307,9 @@ def sample_run(cfg: RunConfig, tasks: list[Task], input_shards: int, log: LogFil
             events = []
             while not events:
                 events = pool.wait(5.0)
+        except PoolExhausted as e:
+            print(f"[recaption] plan: error: {e}", file=sys.stderr)
+            return 1
         finally:
             pool.close()
     event = events[0]
@@ -315,7 +319,7 @@ def sample_run(cfg: RunConfig, tasks: list[Task], input_shards: int, log: LogFil
     ledger = event.outcome["ledger"]
     rates = Rates.measure(ledger["rows_out"], ledger["tokens"], ledger["generate_seconds"], event.outcome["engine"])
     per_shard = samples_per_shard(first.path)
-    full = size_workers(cluster_view(False), cfg.pool, cfg.job.engine.tensor_parallel_size, input_shards)
+    full = size_workers(view, cfg.pool, cfg.job.engine.tensor_parallel_size, input_shards)
     projection = project(per_shard * input_shards, rates.images_per_s * full.workers, full.workers, full.gpus,
                          cfg.gpu_hour_price)
     print(f"[recaption] plan: {ledger['rows_out']} images of shard {first.shard} on one worker "
@@ -351,7 +355,7 @@ def run(cfg: RunConfig) -> int:
         return sample_run(cfg, tasks, len(tasks) + done, log)
     claims = ClaimBook(cfg.output, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", cfg.claim_ttl)
     progress = Progress(len(tasks), len(tasks) + done, cfg.progress_every)
-    pool = start_pool(cfg, len(tasks), cfg.output, log)
+    pool, _ = start_pool(cfg, len(tasks), cfg.output, log)
     scheduler = Scheduler(cfg, tasks, claims, progress, pool)
     try:
         scheduler.run()

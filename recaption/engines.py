@@ -6,6 +6,7 @@ queued at each step; null answers at once (measures the data plane).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -145,6 +146,19 @@ class StreamingEngine:
         return [results[i] for i in ids]
 
 
+# vLLM's CPU backend reads --gpu-memory-utilization as the share of the machine's RAM to reserve (0.9 by
+# default) and refuses to start when that much is not free; a fixed KV cache size replaces the reservation.
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def cpu_backend_reserves_ram(engine_kwargs: dict) -> bool:
+    """True on vLLM's CPU build when no KV cache size was given (flag or VLLM_CPU_KVCACHE_SPACE)."""
+    from vllm.platforms import current_platform
+
+    return (current_platform.is_cpu() and "kv_cache_memory_bytes" not in engine_kwargs
+            and "VLLM_CPU_KVCACHE_SPACE" not in os.environ)
+
+
 class VllmEngine(StreamingEngine):
     """vLLM's LLMEngine driven directly: add_request as requests arrive, step() returns finished ones."""
 
@@ -158,6 +172,8 @@ class VllmEngine(StreamingEngine):
         config = config.pinned()
         self.processor = load_processor(config)
         optional = {"max_num_seqs": config.max_num_seqs} if config.max_num_seqs else {}
+        if cpu_backend_reserves_ram(config.engine_kwargs):
+            optional["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         args = EngineArgs(
             model=config.model, revision=config.revision, dtype=config.dtype, max_model_len=config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization, tensor_parallel_size=config.tensor_parallel_size,

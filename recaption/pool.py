@@ -26,7 +26,9 @@ class PoolConfig:
     num_workers: int | None = None       # None: the cluster's GPUs / GPUs per worker (1 without GPUs)
     gpus_per_worker: float | None = None   # None: the tensor-parallel size (0 on a local Ray without GPUs)
     cpus_per_worker: float | None = None   # None: 4 with a GPU (read + decode ahead of the engine), else 1
-    tasks_per_worker: int = 2            # shards in a worker at once: one generating, the next read ahead
+    # Shards in a worker at once: one generating, one read ahead, one more so that a shard being written
+    # (a large WebDataset tar going to S3) never leaves the engine without the next one.
+    tasks_per_worker: int = 3
     deaths_per_hour: float | None = None   # restart budget; None: max(4, 2 x workers)
 
 

@@ -30,6 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from PIL import Image
+
 from recaption.contract_adapter import InputSample, ShardStore
 from recaption.engines import CaptionEngine, Generation, RequestRejected, make_engine
 from recaption.flow import Item, ShardFlow, ShardTask
@@ -162,9 +164,10 @@ class CaptionWorker:
         self.store = ShardStore(fingerprint_base)
         self.owns_engine = engine is None
         self.engine = engine or make_engine(self.job.engine, self.job.sampling)
+        self.prompts = PromptBuilder(self.engine.processor, self.job.prompt)
+        self._probe()
         if fault.startswith(("raise:", "exit:")):
             self.engine = FaultyEngine(self.engine, fault)
-        self.prompts = PromptBuilder(self.engine.processor, self.job.prompt)
         self.window = self.job.window or min(2 * self.engine.concurrency, MAX_DEFAULT_WINDOW)
         threads = max(1, self.job.decode_threads)
         self.prefetch = max(4 * threads, min(self.window, 64))
@@ -184,6 +187,13 @@ class CaptionWorker:
         self.adding: Feed | None = None
         self.thread = threading.Thread(target=self._run_engine, name="engine", daemon=True)
         self.thread.start()
+
+    def _probe(self) -> None:
+        """One plain request before any shard: an engine that refuses it would turn every row into an error."""
+        try:
+            self.engine.generate([self.prompts.build("")], [Image.new("RGB", (64, 64), (127, 127, 127))])
+        except RequestRejected as e:
+            raise RuntimeError(f"the engine refuses a plain request, so it cannot caption: {e}") from None
 
     # ----- the actor's methods
 

@@ -38,9 +38,6 @@ def s3_bucket(s3_server, monkeypatch):
     storage.reset_s3_client()
 
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for the CPU engine
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A random-weight LLaVA built locally (nothing downloaded), shared by the whole session."""

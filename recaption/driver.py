@@ -208,8 +208,8 @@ class Scheduler:
                 self.progress.add(event.outcome["ledger"])
                 self.progress.due = True
             else:
-                print(f"[recaption] shard {task.shard.shard}: {event.outcome['outcome']} (another writer committed "
-                      "it first)", flush=True)
+                print(f"[recaption] shard {task.shard.shard}: another driver wrote it first; kept theirs "
+                      f"({event.outcome['outcome']})", flush=True)
                 self.progress.total -= 1
             return
         shard = task.shard

@@ -68,8 +68,9 @@ class EngineDied(RuntimeError):
 @dataclass
 class Feed:
     """One shard inside the worker: its flow, its samples decoded ahead, and the messages back to its call."""
-    flow: ShardFlow
+    shard: str
     slots: threading.Semaphore
+    flow: ShardFlow | None = None   # set right after the feed takes its place
     ahead: deque[Future] = field(default_factory=deque)
     messages: queue.Queue = field(default_factory=queue.Queue)  # ('row', item, result) | ('read', n) | ('stop', exc)
     in_engine: set[str] = field(default_factory=set)
@@ -206,21 +207,21 @@ class CaptionWorker:
     def caption(self, task: ShardTask) -> dict:
         """Caption one shard; returns {'shard', 'outcome': 'committed'|'lost'|'abandoned', 'ledger', 'engine'}.
         Raises when the attempt failed (a read error, EngineDied)."""
-        with self.lock:
+        feed = Feed(task.shard, threading.BoundedSemaphore(self.prefetch))
+        with self.lock:   # the shard's place in the engine's order is taken first: calls arrive in send order
             if self.dead:
                 raise EngineDied(task.shard, False, self.dead)
             if task.shard in self.feeds:
                 raise ValueError(f"shard {task.shard} is already in this worker")
             self.active_calls += 1
+            self.feeds[task.shard] = feed
+            self.order.append(feed)
         try:
-            flow = ShardFlow(task, self.job, self.fingerprint, self.store, self.prompts, self.name)
-            feed = Feed(flow, threading.BoundedSemaphore(self.prefetch))
-            with self.lock:
-                self.feeds[task.shard] = feed
-                self.order.append(feed)
+            feed.flow = ShardFlow(task, self.job, self.fingerprint, self.store, self.prompts, self.name)
             threading.Thread(target=self._read, args=(feed,), name=f"read-{task.shard}", daemon=True).start()
             return self._collect(feed)
         finally:
+            feed.dropped = feed.dropped or feed.state != "writing"
             with self.lock:
                 self.feeds.pop(task.shard, None)
                 self.active_calls -= 1
@@ -291,7 +292,7 @@ class CaptionWorker:
                 self.wake.set()
                 feed.flow.abandon()
                 if message[1] is None:
-                    return {"shard": feed.flow.task.shard, "outcome": "abandoned", "engine": self.clock.stats()}
+                    return {"shard": feed.shard, "outcome": "abandoned", "engine": self.clock.stats()}
                 raise message[1]
         feed.state = "writing"
         return {**feed.flow.commit(), "engine": self.clock.stats()}
@@ -342,7 +343,7 @@ class CaptionWorker:
             if item.error:
                 feed.messages.put(("row", item, None))
                 continue
-            request_id = f"{feed.flow.task.shard}:{feed.flow.task.attempt}:{item.seq}"
+            request_id = f"{feed.shard}:{feed.flow.task.attempt}:{item.seq}"
             self.adding = feed
             try:
                 self.engine.add(request_id, item.prompt, item.image.image)
@@ -374,7 +375,7 @@ class CaptionWorker:
         for feed in feeds:
             if feed.state != "writing":
                 charged = bool(feed.in_engine) or feed is self.adding
-                feed.messages.put(("stop", EngineDied(feed.flow.task.shard, charged, self.dead)))
+                feed.messages.put(("stop", EngineDied(feed.shard, charged, self.dead)))
         self.on_engine_death()
 
     def _exit_when_answered(self) -> None:

@@ -1,18 +1,14 @@
 """One shard's flow through an in-process worker (null engine: the engine does not matter here)."""
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from dataset import outputs
 from dataset.synthetic.bad_inputs import BAD_KINDS
-from dataset.synthetic.input_shards import write_shards
-from dataset.synthetic.shapes import jpeg_bytes
+from dataset.synthetic.input_shards import fix_images, write_shards
 from recaption.contract_adapter import ShardReadError
 from recaption.engines import EngineConfig, NullEngine
 from recaption.flow import ShardTask
@@ -85,31 +81,13 @@ def test_truncated_tar_fails_the_attempt_and_commits_nothing(tmp_path, worker):
     assert worker.status()["shards"] == {}, "failed shards leave the worker"
 
 
-def replace_images(tar_path: Path, keys: set[str]) -> None:
-    """Rewrite a shard with good JPEGs for `keys` (as if a flaky source now served them)."""
-    members = []
-    with tarfile.open(tar_path) as tar:
-        for m in tar.getmembers():
-            data = tar.extractfile(m).read()
-            key, ext = m.name.split(".", 1)
-            name = m.name
-            if key in keys and ext in ("jpg", "png"):
-                data, name = jpeg_bytes(Image.new("RGB", (64, 64), (200, 30, 30))), f"{key}.jpg"
-            members.append((name, data))
-    with tarfile.open(tar_path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_retry_errors_recaptions_only_error_rows_as_the_next_generation(tmp_path, worker):
     info = write_shards(tmp_path / "in", shards=1, per_shard=8, bad=True)[0]
     out = tmp_path / "out"
     worker.caption(task(tmp_path))
     before = rows(out)
     fixable = {k for k, kind in info["injected"].items() if kind in ("corrupt_jpeg", "truncated_jpeg")}
-    replace_images(tmp_path / "in" / "00000.tar", fixable)
+    fix_images(tmp_path / "in" / "00000.tar", fixable)
 
     outcome = worker.caption(task(tmp_path, generation=1, retry_errors=True))
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import pytest
 import webdataset as wds
 
 from dataset import outputs, storage
-from dataset.synthetic.input_shards import write_shards
-from dataset.synthetic.shapes import jpeg_bytes
+from dataset.synthetic.input_shards import fix_images, write_shards
 from recaption.worker import FAULT_ENV
 
 pytestmark = pytest.mark.slow
@@ -130,26 +128,6 @@ def test_driver_killed_after_first_ledger_then_rerun_completes(tmp_path, tiny_mo
     assert {name: (ledger_dir / name).stat().st_mtime_ns for name in first} == first
 
 
-def replace_images(tar_path: Path, keys: set[str]) -> None:
-    """Rewrite a shard with good JPEGs for `keys` (as if a flaky source now served them)."""
-    from PIL import Image
-
-    members = []
-    with tarfile.open(tar_path) as tar:
-        for m in tar.getmembers():
-            data = tar.extractfile(m).read()
-            key, ext = m.name.split(".", 1)
-            if key in keys and ext in ("jpg", "png"):
-                data = jpeg_bytes(Image.new("RGB", (64, 64), (200, 30, 30)))
-                m = tarfile.TarInfo(f"{key}.jpg")
-            members.append((m.name, data))
-    with tarfile.open(tar_path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_retry_errors_recaptions_only_error_rows(tmp_path, tiny_model):
     info = write_shards(tmp_path / "in", shards=1, per_shard=8, bad=True)[0]
     out = str(tmp_path / "out")
@@ -157,7 +135,7 @@ def test_retry_errors_recaptions_only_error_rows(tmp_path, tiny_model):
     assert run_job(str(tmp_path / "in"), out, tiny_model, *flags).returncode == 0
     before = {r["key"]: r for r in pq.read_table(f"{out}/parquet/00000.parquet").to_pylist()}
     fixable = {k for k, kind in info["injected"].items() if kind in ("corrupt_jpeg", "truncated_jpeg")}
-    replace_images(tmp_path / "in" / "00000.tar", fixable)
+    fix_images(tmp_path / "in" / "00000.tar", fixable)
 
     result = run_job(str(tmp_path / "in"), out, tiny_model, *flags, "--retry-errors")
 

@@ -1,6 +1,4 @@
 """The worker feeds one engine across shards: a bounded window, per-request errors, abandon, a dying engine."""
-import io
-import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dataset.synthetic.input_shards import write_shards
+from dataset.synthetic.input_shards import rewrite_members, write_shards
 from recaption.engines import EngineConfig, SamplingConfig
 from recaption.flow import ShardTask
 from recaption.job import CaptionJob
@@ -65,21 +63,11 @@ def test_requests_stream_across_shards_within_the_window(tmp_path, tiny_model, v
 
 def long_caption_shard(folder: Path, bad_index: int) -> list[str]:
     """Shard 00000 with the web caption of one sample made longer than the context can hold."""
-    info = write_shards(folder, shards=1, per_shard=6)[0]
-    path = folder / "00000.tar"
-    members = []
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            data = tar.extractfile(m).read()
-            if m.name == f"{info['keys'][bad_index]}.txt":
-                data = ("雨" * 1000).encode()   # 3 byte-level tokens a character: ~3000 tokens
-            members.append((m.name, data))
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
-    return info["keys"]
+    keys = write_shards(folder, shards=1, per_shard=6)[0]["keys"]
+    too_long = ("雨" * 1000).encode()   # 3 byte-level tokens a character: ~3000 tokens
+    rewrite_members(folder / "00000.tar", lambda name, data: (name, too_long if name == f"{keys[bad_index]}.txt"
+                                                                      else data))
+    return keys
 
 
 def test_a_request_the_engine_rejects_is_one_error_row(tmp_path, tiny_model, vllm_engine):

@@ -76,3 +76,24 @@ def write_shards(out_dir: str | Path, shards: int, per_shard: int, *, bad: bool 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [write_shard(out, s, per_shard, image_size=image_size, bad=bad, seed=seed) for s in range(shards)]
+
+
+def rewrite_members(tar_path: str | Path, change) -> None:
+    """Rewrite a shard in place, each member's (name, data) passed through `change(name, data)`."""
+    with tarfile.open(tar_path) as tar:
+        members = [change(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in members:
+            add_member(tar, name, data, time.time())
+
+
+def fix_images(tar_path: str | Path, keys: set[str]) -> None:
+    """Good JPEGs for the images of `keys`, as if a flaky source now served them."""
+    from PIL import Image
+
+    good = jpeg_bytes(Image.new("RGB", (64, 64), (200, 30, 30)))
+
+    def change(name: str, data: bytes) -> tuple[str, bytes]:
+        key, ext = name.split(".", 1)
+        return (f"{key}.jpg", good) if key in keys and ext in ("jpg", "png") else (name, data)
+    rewrite_members(tar_path, change)

@@ -330,12 +330,19 @@ def sample_run(cfg: RunConfig, tasks: list[Task], input_shards: int, log: LogFil
 
 def run(cfg: RunConfig) -> int:
     """Run the job; returns the process exit code (0: every pending shard done)."""
-    started = time.time()
     # --plan writes nothing under the output, its logs included.
     log = LogFile(cfg.output if not cfg.plan else str(Path(tempfile.gettempdir()) / "openvision-plan"), "driver.log")
     if not cfg.verbose:
         quiet_environment()
         log.capture_libraries()
+    try:
+        return run_logged(cfg, log)
+    finally:
+        log.close()
+
+
+def run_logged(cfg: RunConfig, log: LogFile) -> int:
+    started = time.time()
     try:
         cfg = replace(cfg, job=cfg.job.pinned())
         history = check_version(cfg) if not cfg.plan else []

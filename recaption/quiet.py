@@ -73,6 +73,13 @@ class LogFile:
         logging.captureWarnings(True)
         warnings.simplefilter("default")
 
+    def close(self) -> None:
+        """Stop writing library logs to the file (in-process runs start and end many jobs)."""
+        if self.handler is not None:
+            logging.getLogger().removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
     def sync(self) -> None:
         """Copy the local file to OUT/_logs/ when the output is remote (best effort: logs are not data)."""
         if not storage.is_remote(self.out):

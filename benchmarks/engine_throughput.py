@@ -9,12 +9,11 @@ images/s and tokens/s of each, the vLLM/transformers ratio, and whether the gree
 On a shared machine the transformers figure depends strongly on --torch-threads: torch's
 OpenMP threads spin-wait, so with every core busy elsewhere 1 thread can beat all of them.
 
-    VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=WARNING python -m benchmarks.engine_throughput
+    VLLM_LOGGING_LEVEL=WARNING python -m benchmarks.engine_throughput
 """
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import tempfile
 import time
@@ -72,7 +71,6 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=512, help="vLLM context length (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for the images and the tiny model (default 0)")
     a = p.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     torch.set_num_threads(a.torch_threads)
 
     images = shape_images(a.images, a.seed)

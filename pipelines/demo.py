@@ -22,6 +22,7 @@ from dataset.synthetic.web import serving, write_metadata
 from recaption.driver import RunConfig, run
 from recaption.engines import EngineConfig, SamplingConfig
 from recaption.job import CaptionJob
+from recaption.pool import PoolConfig
 from recaption.prompt import DEFAULT_PROMPT
 from recaption.tiny import build_tiny_llava
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     out = str(root / "recaptioned")
     job = CaptionJob(EngineConfig(str(model), dtype="float32", max_model_len=512), SamplingConfig(max_tokens=64),
                      prompt=DEFAULT_PROMPT)
-    code = run(RunConfig(input=str(root / "shards"), output=out, job=job, num_workers=1, progress_every=10))
+    code = run(RunConfig(input=str(root / "shards"), output=out, job=job, pool=PoolConfig(num_workers=1),
+                         progress_every=10))
     if code != 0:
         sys.exit(code)
     show_rows(out)

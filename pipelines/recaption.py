@@ -1,21 +1,36 @@
 """Recaption img2dataset shards with a LLaVA model on vLLM in Ray actors: resumable, exactly once.
 
   ray job submit --working-dir . -- python pipelines/recaption.py --input 's3://b/shards/{00000..00099}.tar' \\
-      --output s3://b/recap --model llava-hf/llama3-llava-next-8b-hf
+      --output s3://b/recap --model ORG/llava-llama-3-8b-hqedit-hf    # Recap-DataComp-1B's captioner, converted
   python pipelines/recaption.py --input shards/ --output out/ --model MODEL   # local Ray instance
+  python pipelines/recaption.py ... --plan --gpu-hour-price 2.5               # sample run + cost, writes nothing
 """
 from __future__ import annotations
 
 import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
 
 import argparse
+import json
 import sys
 
+from dataset import reader
 from recaption.driver import RunConfig, run
 from recaption.engines import EngineConfig, SamplingConfig
-from recaption.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageConfig
+from recaption.images import ImageConfig
 from recaption.job import CaptionJob
+from recaption.pool import DEFAULT_CPUS_WITH_GPU, PoolConfig
 from recaption.prompt import load_prompt
+from recaption.scheduler import SchedulerConfig
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("want a JSON object, e.g. '{\"enable_prefix_caching\": true}'")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,61 +41,116 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--output", required=True, help="output folder or s3://bucket/prefix (parquet/, wds/, _ledger/)")
     io.add_argument("--no-wds", action="store_true", help="write only Parquet, not the WebDataset copy for training")
     io.add_argument("--max-shards", type=int, help="caption at most this many pending shards (smoke runs)")
+    reader.add_arguments(io)
     m = p.add_argument_group("model and decoding")
     m.add_argument("--model", required=True, help="Hugging Face id or local folder of a LLaVA-style model")
-    m.add_argument("--revision", help="model revision (commit) to pin; recorded in the fingerprint")
-    m.add_argument("--backend", choices=["vllm", "transformers", "null"], default="vllm",
+    m.add_argument("--revision", help="model revision; resolved to a commit at start and recorded in the fingerprint")
+    m.add_argument("--backend", choices=["vllm", "transformers", "null"], default=EngineConfig.backend,
                    help="vllm for production; transformers is the slow reference; null answers a fixed caption "
                         "instantly (measures the data plane)")
     m.add_argument("--prompt", help="instruction text or a file holding it; may use {org_caption}. "
                                     "Default: Recap-DataComp-1B's detailed-caption prompt")
-    m.add_argument("--max-tokens", type=int, default=128, help="new tokens per caption (Recap-DataComp-1B: 128)")
-    m.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (Recap-DataComp-1B)")
-    m.add_argument("--top-k", type=int, default=0, help="0 = off")
-    m.add_argument("--top-p", type=float, default=1.0)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--dtype", default="auto", help="model dtype: auto (from the config), bfloat16, float16, float32")
-    m.add_argument("--max-model-len", type=int, default=4096, help="context length vLLM reserves per sequence")
-    m.add_argument("--max-num-seqs", type=int, default=256, help="sequences vLLM decodes at once per worker")
-    m.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    m.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+    m.add_argument("--max-tokens", type=int, default=SamplingConfig.max_tokens,
+                   help="new tokens per caption (Recap-DataComp-1B: 128)")
+    m.add_argument("--temperature", type=float, default=SamplingConfig.temperature,
+                   help="0 = greedy decoding (Recap-DataComp-1B)")
+    m.add_argument("--top-k", type=int, default=SamplingConfig.top_k, help="0 = off")
+    m.add_argument("--top-p", type=float, default=SamplingConfig.top_p)
+    m.add_argument("--seed", type=int, default=SamplingConfig.seed)
+    m.add_argument("--dtype", default=EngineConfig.dtype,
+                   help="auto: the checkpoint's own dtype, used by both backends and recorded; "
+                        "or bfloat16, float16, float32")
+    m.add_argument("--max-model-len", type=int, default=EngineConfig.max_model_len,
+                   help="context per sequence (default: the model's; checked against image + prompt + max tokens)")
+    m.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
+                   help="sequences one vLLM engine runs at once (default: vLLM's for the hardware)")
+    m.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization)
+    m.add_argument("--engine-kwargs", type=json_object, default={},
+                   help="other vLLM engine options as JSON, e.g. '{\"max_num_batched_tokens\": 16384, "
+                        "\"enable_prefix_caching\": true}'; options that can change captions enter the fingerprint")
+    m.add_argument("--max-side", type=int, default=ImageConfig.max_side,
                    help="downscale images so their longest side is at most this before the engine")
-    m.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    m.add_argument("--max-pixels", type=int, default=ImageConfig.max_pixels,
                    help="refuse images whose header claims more pixels (decompression bombs)")
-    m.add_argument("--chunk-size", type=int, default=256,
-                   help="images decoded and handed to the engine per generate call")
-    r = p.add_argument_group("cluster")
-    r.add_argument("--num-workers", type=int, help="caption actors (default: cluster GPUs / GPUs per worker, 1 on CPU)")
-    r.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default: --tensor-parallel-size; 0 on CPU)")
-    r.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs one engine spans (8B fits on one GPU)")
-    r.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is reported failed")
-    r.add_argument("--claim-ttl", type=float, default=120.0,
-                   help="seconds without a heartbeat after which another driver may take a claimed shard")
-    r.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
-    v = p.add_argument_group("reruns")
+    m.add_argument("--min-image-side", type=int, default=ImageConfig.min_side,
+                   help="refuse images with a side below this many px (error 'small')")
+    m.add_argument("--max-aspect-ratio", type=float, default=ImageConfig.max_aspect_ratio,
+                   help="refuse images more elongated than this (error 'aspect')")
+    r = p.add_argument_group("workers and cluster")
+    r.add_argument("--num-workers", type=int, default=PoolConfig.num_workers,
+                   help="caption actors, requested from the autoscaler on a cluster "
+                        "(default: cluster GPUs / GPUs per worker; 1 without GPUs)")
+    r.add_argument("--gpus-per-worker", type=float, default=PoolConfig.gpus_per_worker,
+                   help="GPUs per actor (default: --tensor-parallel-size; 0 only on a local Ray without GPUs)")
+    r.add_argument("--cpus-per-worker", type=float, default=PoolConfig.cpus_per_worker,
+                   help=f"CPUs per actor for reading and decoding ahead of the engine (default: "
+                        f"{DEFAULT_CPUS_WITH_GPU} with a GPU, else 1)")
+    r.add_argument("--tensor-parallel-size", type=int, default=EngineConfig.tensor_parallel_size,
+                   help="GPUs one engine spans (an 8B model in 16 bits: 1 on 40 GB+ cards, 2 on 24 GB cards)")
+    r.add_argument("--window", type=int, default=CaptionJob.window,
+                   help="requests in one engine at once, across shard boundaries "
+                        "(default: twice what the engine runs at once)")
+    r.add_argument("--max-attempts", type=int, default=SchedulerConfig.max_attempts,
+                   help="tries per shard before it is reported failed (a dead engine charges only the shards "
+                        "it was generating)")
+    r.add_argument("--worker-deaths-per-hour", type=float, default=PoolConfig.deaths_per_hour,
+                   help="dead workers replaced per hour before the pool stops replacing (default: max(4, 2 x workers))")
+    r.add_argument("--claim-ttl", type=float, default=SchedulerConfig.claim_ttl,
+                   help="seconds without a renewal (by the storage's clock) after which another driver may take "
+                        "a claimed shard")
+    r.add_argument("--shard-deadline", type=float, default=SchedulerConfig.deadline_factor,
+                   help="abandon and retry a shard running longer than this many times the median shard time "
+                        "(0: never)")
+    r.add_argument("--speculate-after", type=float, default=SchedulerConfig.speculate_after,
+                   help="near the end, start a second attempt of a shard running longer than this many times the "
+                        "median on an idle worker; the first commit wins (0: never)")
+    r.add_argument("--single-writer", action="store_true",
+                   help="run on storage that ignores conditional writes (refused otherwise), with ONE driver only")
+    r.add_argument("--progress-every", type=float, default=RunConfig.progress_every,
+                   help="seconds between progress lines")
+    c = p.add_argument_group("cost")
+    c.add_argument("--plan", action="store_true",
+                   help="caption a sample on one worker, print images/s, tokens/s and the GPU-hours for the whole "
+                        "input; writes no outputs")
+    c.add_argument("--gpu-hour-price", type=float, default=RunConfig.gpu_hour_price,
+                   help="price of one GPU-hour: the projection then shows the cost")
+    v = p.add_argument_group("reruns and output")
     v.add_argument("--retry-errors", action="store_true", help="re-caption only status='error' rows of done shards")
     v.add_argument("--new-version", action="store_true",
                    help="allow a run whose fingerprint differs from the output's: every shard is captioned again")
+    v.add_argument("--verbose", action="store_true",
+                   help="show library warnings and worker output on the console (else in OUTPUT/_logs/)")
     return p.parse_args(argv)
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     engine = EngineConfig(model=a.model, revision=a.revision, backend=a.backend, dtype=a.dtype,
                           max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization,
-                          tensor_parallel_size=a.tensor_parallel_size, max_num_seqs=a.max_num_seqs)
+                          tensor_parallel_size=a.tensor_parallel_size, max_num_seqs=a.max_num_seqs,
+                          engine_kwargs=a.engine_kwargs)
     sampling = SamplingConfig(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                               seed=a.seed)
     job = CaptionJob(engine, sampling, prompt=load_prompt(a.prompt),
-                     image=ImageConfig(max_side=a.max_side, max_pixels=a.max_pixels),
-                     write_wds=not a.no_wds, chunk_size=a.chunk_size)
-    return RunConfig(input=a.input, output=a.output, job=job, num_workers=a.num_workers,
-                     gpus_per_worker=a.gpus_per_worker, retry_errors=a.retry_errors, new_version=a.new_version,
-                     max_shards=a.max_shards, max_attempts=a.max_attempts, claim_ttl=a.claim_ttl,
-                     progress_every=a.progress_every)
+                     image=ImageConfig(max_side=a.max_side, max_pixels=a.max_pixels, min_side=a.min_image_side,
+                                       max_aspect_ratio=a.max_aspect_ratio),
+                     limits=reader.limits_from_args(a), write_wds=not a.no_wds, window=a.window)
+    workers = PoolConfig(num_workers=a.num_workers, gpus_per_worker=a.gpus_per_worker,
+                         cpus_per_worker=a.cpus_per_worker, deaths_per_hour=a.worker_deaths_per_hour)
+    schedule = SchedulerConfig(max_attempts=a.max_attempts, claim_ttl=a.claim_ttl, deadline_factor=a.shard_deadline,
+                               speculate_after=a.speculate_after)
+    return RunConfig(input=a.input, output=a.output, job=job, pool=workers, schedule=schedule,
+                     retry_errors=a.retry_errors, new_version=a.new_version, single_writer=a.single_writer,
+                     max_shards=a.max_shards, progress_every=a.progress_every, plan=a.plan,
+                     gpu_hour_price=a.gpu_hour_price, verbose=a.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(config_from_args(parse_args(argv)))
+    try:
+        cfg = config_from_args(parse_args(argv))
+    except ValueError as e:  # a config that cannot work, e.g. --engine-kwargs repeating a flag
+        print(f"[recaption] error: {e}", file=sys.stderr)
+        return 2
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,34 @@
-"""The recaption job's driver: plan pending shards, stream them to CaptionWorker actors, account for all."""
+"""The recaption job's driver: check the storage and the output's version, plan from listings, start the
+worker pool, schedule shards under claims, account for every shard, and stop cleanly on SIGTERM."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import socket
 import sys
+import tempfile
 import time
 import uuid
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from dataset import outputs, storage
+from dataset import storage
 from dataset.claims import Claims
 from dataset.outputs import FingerprintMismatch, Output
-from dataset.reader import shard_name
+from recaption.cost import Rates as CostRates
+from recaption.cost import ScratchOutput, project, samples_per_shard
 from recaption.job import CaptionJob
+from recaption.planning import Plan, plan
+from recaption.pool import ClusterView, Pool, PoolConfig, PoolExhausted, size_workers
+from recaption.progress import Progress
+from recaption.quiet import LogFile, quiet_environment
+from recaption.scheduler import Scheduler, SchedulerConfig
+from recaption.worker import CaptionWorker
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
+EXIT_STOPPED = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
 @dataclass
@@ -26,290 +36,235 @@ class RunConfig:
     input: str
     output: str
     job: CaptionJob
-    num_workers: int | None = None   # None: cluster GPUs / GPUs per worker, or 1 without GPUs
-    gpus_per_worker: float | None = None  # None: tensor_parallel_size on a GPU cluster, else 0
+    pool: PoolConfig = PoolConfig()
+    schedule: SchedulerConfig = SchedulerConfig()
     retry_errors: bool = False
     new_version: bool = False
+    single_writer: bool = False          # storage that ignores conditional writes, run knowingly by one driver
     max_shards: int | None = None
-    max_attempts: int = 3
-    claim_ttl: float = 120.0
     progress_every: float = 30.0
-    single_writer: bool = False   # skip the conditional-write probe: only one driver writes this output
+    plan: bool = False                   # a short sample run and the cost projection; writes no outputs
+    gpu_hour_price: float | None = None  # price of one GPU-hour, for the projection
+    verbose: bool = False                # library logs and worker output on the console too
 
 
-@dataclass
-class Task:
-    path: str
-    shard: str
-    generation: int = 0     # the ledger generation this task commits
-    retry: bool = False     # re-caption only the error rows of the committed generation before
-    attempt: int = 1
-    errors: list[str] = field(default_factory=list)
+def say(text: str, error: bool = False) -> None:
+    print(f"[recaption] {text}", file=sys.stderr if error else sys.stdout, flush=True)
 
 
-def read_ledgers(store: outputs.ShardStore, done: dict[str, int]) -> dict[str, dict | None]:
-    with ThreadPoolExecutor(32) as pool:
-        return dict(zip(done, pool.map(lambda s: store.read_ledger(s, done[s]), done)))
-
-
-def plan(cfg: RunConfig, output: Output) -> tuple[list[Task], int]:
-    """Pending tasks and the number of shards already done in this output version."""
-    paths = storage.expand_inputs(cfg.input)
-    names = [shard_name(p) for p in paths]
-    for name in names:
-        outputs.check_shard_name(name)
-    clashes = sorted(n for n, count in Counter(names).items() if count > 1)
-    if clashes:
-        raise ValueError(f"input shards share output names {clashes[:5]}: one output folder per set of names")
-    done = output.store.done()
-    wanted = {name: done[name] for name in names if name in done}
-    ledgers = read_ledgers(output.store, wanted) if cfg.retry_errors else {}
-    tasks = []
-    for path, name in zip(paths, names):
-        if name not in done:
-            tasks.append(Task(path, name))
-        elif cfg.retry_errors and (ledgers[name] or {}).get("error", 0) > 0:
-            tasks.append(Task(path, name, generation=done[name] + 1, retry=True))
-    if cfg.max_shards is not None:
-        tasks = tasks[: cfg.max_shards]
-    return tasks, len(wanted)
-
-
-class Progress:
-    """Shards done/total, images/s, tokens/s and ETA, printed as one line at most every few seconds."""
-
-    def __init__(self, total: int, every: float):
-        self.total, self.every = total, every
-        self.start = time.time()
-        self.done = self.failed = self.images = self.tokens = self.ok = self.errors = 0
-        self.last_print = 0.0
-
-    def add(self, ledger: dict) -> None:
-        self.done += 1
-        self.images += ledger["rows_out"]
-        self.tokens += ledger["tokens"]
-        self.ok += ledger["ok"]
-        self.errors += ledger["error"]
-
-    def line(self) -> str:
-        elapsed = max(time.time() - self.start, 1e-9)
-        finished = self.done + self.failed
-        eta = (self.total - finished) * elapsed / finished if finished else float("nan")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
-        return (f"[recaption] shards {self.done}/{self.total} done, {self.failed} failed | "
-                f"{self.images / elapsed:.1f} images/s | {self.tokens / elapsed:.0f} tokens/s | ETA {eta_text}")
-
-    def maybe_print(self, force: bool = False) -> None:
-        if force or time.time() - self.last_print >= self.every:
-            print(self.line(), flush=True)
-            self.last_print = time.time()
-
-
-def init_ray() -> None:
-    """Attach to the cluster under `ray job submit` (RAY_ADDRESS), else start a local instance."""
+def init_ray(verbose: bool) -> bool:
+    """Attach to the cluster under `ray job submit` (RAY_ADDRESS), else start a local instance.
+    Returns True when this call started a local instance (no autoscaler can add GPUs to it)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": False}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
+        ray.init(**quiet)
+        return False
     pythonpath = os.pathsep.join(p for p in [REPO_ROOT, os.environ.get("PYTHONPATH")] if p)
-    ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-             log_to_driver=os.environ.get("OPENVISION_RAY_WORKER_LOGS", "1") == "1")
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **quiet)
+    return True
 
 
-def worker_resources(cfg: RunConfig) -> tuple[int, float, float]:
-    """(workers, GPUs per worker, CPUs per worker) from the flags and the cluster."""
+def start_pool(cfg: RunConfig, pending: int, base: str, log: LogFile) -> tuple[Pool, ClusterView]:
+    """Size the caption workers and start them; they commit under `base`, log beside `log`."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    tp = cfg.job.engine.tensor_parallel_size
-    per_worker = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (tp if gpus else 0)
-    workers = cfg.num_workers or (int(gpus // per_worker) if per_worker else 1)
-    return max(workers, 1), per_worker, 1.0
+    started_here = init_ray(cfg.verbose)
+    if not cfg.verbose:
+        log.capture_libraries()
+    view = ClusterView(gpus=ray.cluster_resources().get("GPU", 0), started_here=started_here)
+    sizing = size_workers(view, cfg.pool, cfg.job.engine.tensor_parallel_size, pending)
+    where = "local Ray" if started_here else "the cluster (requested from its autoscaler)"
+    say(f"starting {sizing.line()} on {where}")
+    job = replace(cfg.job, decode_threads=max(1, int(sizing.cpus)))
+    pool = Pool(CaptionWorker, (job, log.out, base), log.out, sizing, cfg.pool, verbose=cfg.verbose)
+    pool.start()
+    return pool, view
 
 
-class Scheduler:
-    """Keeps every worker fed with two shards (one generating, one preparing) until none are left."""
-
-    def __init__(self, cfg: RunConfig, output: Output, tasks: list[Task], claims: Claims, progress: Progress):
-        import ray
-
-        from recaption.worker import CaptionWorker
-
-        self.ray, self.cfg, self.claims, self.progress = ray, cfg, claims, progress
-        self.output, self.store = output, output.store
-        self.actor_class = ray.remote(CaptionWorker)
-        self.pending: deque[Task] = deque(tasks)
-        self.waiting: list[Task] = []      # claimed by another live driver
-        self.failed: dict[str, list[str]] = {}
-        self.in_flight: dict = {}          # ObjectRef -> (worker index, Task)
-        self.restarts = 0
-        self.num_workers, self.gpus, self.cpus = worker_resources(cfg)
-        self.workers = [self.new_worker() for _ in range(self.num_workers)]
-
-    def new_worker(self):
-        return self.actor_class.options(num_gpus=self.gpus, num_cpus=self.cpus, max_concurrency=2,
-                                        max_restarts=0).remote(self.cfg.job, self.output.base)
-
-    def wait_until_ready(self) -> list[str]:
-        return self.ray.get([w.name.remote() for w in self.workers])
-
-    def load(self, index: int) -> int:
-        return sum(1 for w, _ in self.in_flight.values() if w == index)
-
-    def submit(self) -> None:
-        for index, worker in enumerate(self.workers):
-            while self.pending and self.load(index) < 2:
-                task = self.pending.popleft()
-                token = self.claims.acquire(task.shard)  # the claim first, then the ledger check
-                if token is None:
-                    self.waiting.append(task)
-                    continue
-                if self.committed(task):
-                    self.claims.release(task.shard)
-                    self.progress.total -= 1   # finished by another driver meanwhile
-                    continue
-                if task.attempt > 1:
-                    self.store.clean_leftovers(task.shard)
-                ref = worker.caption.remote(task.path, task.shard, task.attempt, task.retry, task.generation, token)
-                self.in_flight[ref] = (index, task)
-
-    def committed(self, task: Task) -> bool:
-        return storage.exists(self.store.ledger_path(task.shard, task.generation))
-
-    def recheck_waiting(self) -> None:
-        """Shards another driver holds: done when their ledger appears, ours when its claim goes stale."""
-        still = []
-        for task in self.waiting:
-            if self.committed(task):
-                self.progress.total -= 1
-            elif self.claims.acquire(task.shard) is not None:
-                self.pending.append(task)
-            else:
-                still.append(task)
-        self.waiting = still
-
-    def on_error(self, index: int, task: Task, error: Exception) -> None:
-        task.errors.append(f"attempt {task.attempt}: {type(error).__name__}: {str(error)[-500:]}")
-        if isinstance(error, self.ray.exceptions.RayActorError) and index >= 0:
-            self.replace_worker(index)
-        if task.attempt >= self.cfg.max_attempts:
-            self.failed[task.shard] = task.errors
-            self.progress.failed += 1
-            self.claims.release(task.shard)
-            print(f"[recaption] shard {task.shard} failed after {task.attempt} attempts: {task.errors[-1]}",
-                  file=sys.stderr, flush=True)
-            return
-        print(f"[recaption] shard {task.shard} attempt {task.attempt} failed, re-queued: {task.errors[-1][:300]}",
-              file=sys.stderr, flush=True)
-        task.attempt += 1
-        self.pending.appendleft(task)
-
-    def replace_worker(self, index: int) -> None:
-        self.restarts += 1
-        if self.restarts > 3 * self.num_workers:
-            raise RuntimeError(f"workers died {self.restarts} times; giving up (see the errors above)")
-        self.ray.kill(self.workers[index], no_restart=True)
-        self.workers[index] = self.new_worker()
-        for ref, (w, task) in list(self.in_flight.items()):  # their results will raise too; keep them
-            if w == index:
-                self.in_flight[ref] = (-1, task)
-
-    def run(self) -> None:
-        while self.pending or self.in_flight or self.waiting:
-            self.submit()
-            if not self.in_flight:
-                if self.waiting:
-                    time.sleep(min(5.0, self.cfg.claim_ttl / 4))
-                    self.recheck_waiting()
-                continue
-            ready, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=min(5.0, self.cfg.claim_ttl / 4))
-            for ref in ready:
-                index, task = self.in_flight.pop(ref)
-                try:
-                    ledger = self.ray.get(ref)
-                except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as e:
-                    self.on_error(index, task, e)
-                    continue
-                self.claims.release(task.shard)
-                self.progress.add(ledger)
-                if not ledger["written"]:
-                    print(f"[recaption] shard {task.shard}: another driver wrote it first or took it over; "
-                          "kept theirs", flush=True)
-                self.progress.maybe_print(force=True)
-            self.progress.maybe_print()
+def check_storage(cfg: RunConfig) -> str | None:
+    """A reason to refuse the output's storage, or None. Claims and ledgers rest on conditional writes."""
+    if cfg.single_writer:
+        return None
+    problem = storage.probe_conditional_writes(cfg.output)
+    if problem is None:
+        return None
+    return (f"{problem}. Two drivers on this output could caption a shard twice or overwrite a commit. "
+            "Use storage that honours conditional writes, or --single-writer to run knowingly with one driver.")
 
 
-def ray_errors() -> tuple[type[Exception], ...]:
-    import ray
-
-    return ray.exceptions.RayActorError, ray.exceptions.RayTaskError
-
-
-def write_run_summary(cfg: RunConfig, output: Output, progress: Progress, failed: dict[str, list[str]],
-                      started: float, workers: int) -> dict:
+def write_run_summary(cfg: RunConfig, output: Output, progress: Progress, scheduler: Scheduler | None,
+                      pool: Pool, started: float, stopped: str | None) -> dict:
+    rates = progress.rates(pool.engine_stats())
+    projection = progress.projection(rates, pool.sizing, cfg.gpu_hour_price)
+    failed = scheduler.failed if scheduler else {}
     summary = {
-        "fingerprint": cfg.job.fingerprint, "caption_config": cfg.job.caption_config(),
-        "config": {"input": cfg.input, "output": cfg.output, "num_workers": workers,
+        "fingerprint": output.fingerprint, "caption_config": cfg.job.caption_config(),
+        "config": {"input": cfg.input, "output": cfg.output, "workers": pool.sizing.workers,
+                   "gpus_per_worker": pool.sizing.gpus, "cpus_per_worker": pool.sizing.cpus,
                    "retry_errors": cfg.retry_errors, "new_version": cfg.new_version, "max_shards": cfg.max_shards,
-                   "engine": asdict(cfg.job.engine), "write_wds": cfg.job.write_wds},
-        "shards": {"total": progress.total, "done": progress.done, "failed": sorted(failed)},
+                   "engine": asdict(cfg.job.engine), "window": cfg.job.window, "write_wds": cfg.job.write_wds},
+        "shards": {"total": progress.total, "done": progress.done, "failed": sorted(failed),
+                   "in_flight_when_stopped": sorted(scheduler.running) if scheduler and stopped else []},
         "failures": failed, "rows": {"ok": progress.ok, "error": progress.errors},
-        "images_per_s": progress.images / max(time.time() - progress.start, 1e-9),
-        "tokens_per_s": progress.tokens / max(time.time() - progress.start, 1e-9),
-        "started_at": started, "finished_at": time.time(),
+        "images_per_s": rates.images_per_s, "tokens_per_s": rates.tokens_per_s,
+        "engine_busy_share": rates.engine_busy, "engine_queued_share": rates.engine_queued,
+        "engine_seconds": pool.engine_stats(), "projection": projection.as_dict() if projection else None,
+        "gpu_hour_price": cfg.gpu_hour_price, "stopped": stopped, "started_at": started, "finished_at": time.time(),
     }
     storage.write_bytes(output.run_path, json.dumps(summary, indent=1).encode())
     return summary
 
 
+def sample_run(cfg: RunConfig, work: Plan, log: LogFile) -> int:
+    """--plan: caption a sample of the first pending shard on one worker into a scratch folder; print the cost."""
+    first = work.tasks[0]
+    started = time.time()
+    with ScratchOutput() as scratch:
+        scratch_store = Output.register(scratch, cfg.job.fingerprint, cfg.job.caption_config(), False)
+        pool, view = start_pool(replace(cfg, pool=replace(cfg.pool, num_workers=1)), 1, scratch_store.base, log)
+        try:
+            while not pool.ready_workers:
+                pool.wait(1.0)
+            startup = time.time() - started
+            window = pool.info()[0]["window"]
+            pool.submit(replace(first, max_samples=4 * window, stats_path=None))
+            events = []
+            while not events:
+                events = pool.wait(5.0)
+        except PoolExhausted as e:
+            say(f"plan: error: {e}", error=True)
+            return 1
+        finally:
+            pool.close()
+    event = events[0]
+    if event.outcome is None:
+        say(f"plan: the sample run failed: {event.error}", error=True)
+        return 1
+    ledger = event.outcome["ledger"]
+    rates = CostRates.measure(ledger["rows_out"], ledger["tokens"], ledger["generate_seconds"],
+                              event.outcome["engine"])
+    per_shard = samples_per_shard(first.path)
+    full = size_workers(view, cfg.pool, cfg.job.engine.tensor_parallel_size, work.inputs)
+    projection = project(per_shard * work.inputs, rates.images_per_s * full.workers, full.workers, full.gpus,
+                         cfg.gpu_hour_price)
+    say(f"plan: {ledger['rows_out']} images of shard {first.shard} on one worker ({startup:.0f} s to start): "
+        f"{rates.line()}")
+    say(f"plan: {work.inputs} shards x ~{per_shard} images, {full.line()}: {projection.line()}")
+    return 0
+
+
 def run(cfg: RunConfig) -> int:
     """Run the job; returns the process exit code (0: every pending shard done)."""
+    # --plan writes nothing under the output, its logs included.
+    log = LogFile(cfg.output if not cfg.plan else str(Path(tempfile.gettempdir()) / "openvision-plan"), "driver.log")
+    if not cfg.verbose:
+        quiet_environment()
+        log.capture_libraries()
+    try:
+        return run_logged(cfg, log)
+    finally:
+        log.close()
+
+
+def run_logged(cfg: RunConfig, log: LogFile) -> int:
     started = time.time()
     try:
-        output = Output.register(cfg.output, cfg.job.fingerprint, cfg.job.caption_config(), cfg.new_version)
-        tasks, done = plan(cfg, output)
+        cfg = replace(cfg, job=cfg.job.pinned())
+        fingerprint = cfg.job.fingerprint
+        if cfg.plan:  # a projection for the whole input: the output is neither read nor written
+            with tempfile.TemporaryDirectory(prefix="ov-plan-") as nowhere:
+                work = plan(cfg.input, Output(nowhere, fingerprint, nowhere, {}).store)
+            output = None
+        else:
+            refused = check_storage(cfg)
+            if refused:
+                say(f"error: {refused}", error=True)
+                return 2
+            output = Output.register(cfg.output, fingerprint, cfg.job.caption_config(), cfg.new_version)
+            work = plan(cfg.input, output.store, retry_errors=cfg.retry_errors, max_shards=cfg.max_shards)
     except (FingerprintMismatch, ValueError) as e:
-        print(f"[recaption] error: {e}", file=sys.stderr)
+        say(f"error: {e}", error=True)
         return 2
-    print(f"[recaption] {len(tasks) + done} input shards: {done} done, {len(tasks)} pending "
-          f"(fingerprint {cfg.job.fingerprint})", flush=True)
-    if not tasks:
-        print("[recaption] nothing pending", flush=True)
-        return 0
-    problem = None if cfg.single_writer else storage.probe_conditional_writes(output.base)
-    if problem:
-        print(f"[recaption] error: {problem}. Several drivers on this output could then overwrite each "
-              "other's claims and commits; with one driver only, run with --single-writer.", file=sys.stderr)
-        return 2
-    init_ray()
-    claims = Claims(output.base, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", cfg.claim_ttl)
-    progress = Progress(len(tasks), cfg.progress_every)
-    scheduler = Scheduler(cfg, output, tasks, claims, progress)
-    print(f"[recaption] starting {scheduler.num_workers} workers ({scheduler.gpus} GPU each)", flush=True)
-    try:
-        scheduler.wait_until_ready()
-    except ray_errors() as e:
-        print(f"[recaption] error: the caption workers could not start: {e}", file=sys.stderr)
-        return 1
-    progress.start = time.time()
-    claims.start_renewing(lambda shard: print(f"[recaption] lost the claim on shard {shard} to another driver; "
-                                              "this driver's attempt will not commit", file=sys.stderr, flush=True))
+    engine = cfg.job.engine
+    say(f"{work.inputs} input shards: {work.done} done, {len(work.tasks)} pending"
+        f"{f', {len(work.not_ready)} not ready' if work.not_ready else ''} (fingerprint {fingerprint}; "
+        f"{engine.backend} {engine.dtype}, context {engine.max_model_len})")
+    if work.not_ready:
+        say(f"not ready: {', '.join(work.not_ready[:10])}{' ...' if len(work.not_ready) > 10 else ''} have no "
+            "_stats.json beside their tar yet (img2dataset writes it last): rerun when their download finished",
+            error=True)
+    if not cfg.verbose:
+        say(f"library and worker logs: {log.shown}")
+    if not work.tasks:
+        say("nothing pending")
+        return 1 if work.not_ready else 0
+    if cfg.plan:
+        return sample_run(cfg, work, log)
+    return caption(cfg, output, work, log, started)
+
+
+def caption(cfg: RunConfig, output: Output, work: Plan, log: LogFile, started: float) -> int:
+    """Start the pool and schedule every pending shard; a stop signal ends the run cleanly."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    claims = Claims(output.base, holder, cfg.schedule.claim_ttl)
+    progress = Progress("recaption", len(work.tasks), work.inputs, cfg.progress_every)
+    pool, _ = start_pool(cfg, len(work.tasks), output.base, log)
+    scheduler = Scheduler("recaption", work.tasks, output.store, claims, pool, progress, cfg.schedule)
+    stopped: list[str] = []
+
+    def stop(signum, _frame) -> None:
+        stopped.append(signal.Signals(signum).name)
+        scheduler.stop.set()
+
+    previous = {sig: signal.signal(sig, stop) for sig in EXIT_STOPPED}
+    printer = ProgressPrinter(progress, pool, cfg.gpu_hour_price)
+    scheduler.on_tick = printer
     try:
         scheduler.run()
+    except PoolExhausted as e:
+        say(f"error: {e}", error=True)
+        for task in list(scheduler.pending) + [run.task for run in scheduler.running.values()]:
+            scheduler.failed.setdefault(task.shard, scheduler.errors.get(task.shard, []) + [str(e)])
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        printer(force=True)
+        pool.close()
         claims.stop()
-    swept = output.store.sweep(skip=set())
+        summary = write_run_summary(cfg, output, progress, scheduler, pool, started,
+                                    stopped[0] if stopped else None)
+        swept = output.store.sweep(set())
+        log.sync()
     if swept:
-        print(f"[recaption] removed {len(swept)} files that no latest ledger names (attempts that did not "
-              "commit, generations replaced by --retry-errors)", flush=True)
-    summary = write_run_summary(cfg, output, progress, scheduler.failed, started, scheduler.num_workers)
-    if scheduler.failed:
-        print(f"[recaption] {len(scheduler.failed)} shards failed: {', '.join(sorted(scheduler.failed))}",
-              file=sys.stderr)
+        say(f"removed {len(swept)} files of attempts that did not commit")
+    if stopped:
+        say(f"stopped by {stopped[0]}: {progress.done} shards committed, {len(scheduler.running)} in flight "
+            f"left for the next run, claims released; {output.run_path}", error=True)
+        return EXIT_STOPPED[signal.Signals[stopped[0]]]
+    if work.not_ready or scheduler.failed:
+        if scheduler.failed:
+            say(f"{len(scheduler.failed)} shards failed: {', '.join(sorted(scheduler.failed))}", error=True)
         return 1
-    print(f"[recaption] done: {summary['rows']['ok']} ok rows, {summary['rows']['error']} error rows "
-          f"-> {cfg.output}", flush=True)
+    say(f"done: {summary['rows']['ok']} ok rows, {summary['rows']['error']} error rows -> {output.base}")
     return 0
+
+
+class ProgressPrinter:
+    """Prints the progress line when a shard finished or every `every` seconds."""
+
+    def __init__(self, progress: Progress, pool: Pool, price: float | None):
+        self.progress, self.pool, self.price = progress, pool, price
+        self.printed = (-1, -1)   # (done, failed) at the last line
+
+    def __call__(self, force: bool = False) -> None:
+        counts = (self.progress.done, self.progress.failed)
+        if self.progress.should_print(force and counts != self.printed):
+            rates = self.progress.rates(self.pool.engine_stats())
+            print(self.progress.line(rates, self.progress.projection(rates, self.pool.sizing, self.price)),
+                  flush=True)
+            self.printed = counts
+

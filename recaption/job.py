@@ -1,27 +1,75 @@
 """What a recaption run is: engine, sampling, prompt and image preparation, and their fingerprint."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
 
-from recaption.engines import EngineConfig, SamplingConfig, fingerprint
+from PIL import Image
+
+from dataset.reader import ReadLimits
+from recaption import resolve
+from recaption.engines import EngineConfig, SamplingConfig, load_processor
 from recaption.images import ImageConfig
+from recaption.postprocess import CLEANUP_VERSION
+from recaption.prompt import DEFAULT_PROMPT, PromptBuilder
 
 
 @dataclass(frozen=True)
 class CaptionJob:
     engine: EngineConfig
     sampling: SamplingConfig = SamplingConfig()
-    prompt: str = ""
+    prompt: str = DEFAULT_PROMPT
     image: ImageConfig = ImageConfig()
+    limits: ReadLimits = ReadLimits()
     write_wds: bool = True
-    chunk_size: int = 256  # images prepared and handed to the engine at a time
-    extra: dict = field(default_factory=dict, compare=False)
+    window: int | None = None     # requests in one engine at once; None: twice what it runs at once
+    decode_threads: int = 1       # image decoding threads per worker (the pool sets its CPUs per worker)
+
+    def pinned(self) -> CaptionJob:
+        """The engine pinned (see EngineConfig.pinned) and its context checked against this job's requests."""
+        job = replace(self, engine=self.engine.pinned())
+        if self.engine.backend != "null":
+            needed = job.request_tokens() + self.sampling.max_tokens
+            if needed > job.engine.max_model_len:
+                raise ValueError(
+                    f"--max-model-len {job.engine.max_model_len} is too short: image + prompt take "
+                    f"{needed - self.sampling.max_tokens} tokens and --max-tokens {self.sampling.max_tokens} "
+                    f"more ({needed} in all)")
+        return job
+
+    def request_tokens(self) -> int:
+        """Tokens of the longest request this prompt makes (image tokens included), over square, wide and tall
+        images at the largest size the engine is given (models that tile images count more tokens for some)."""
+        processor = load_processor(self.engine)
+        prompt = PromptBuilder(processor, self.prompt).build("")
+        side = self.image.max_side
+        shapes = [(side, side), (side, max(1, side // 2)), (max(1, side // 2), side)]
+        return max(len(processor(images=[Image.new("RGB", shape)], text=[prompt])["input_ids"][0]) for shape in shapes)
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.engine, self.sampling, self.prompt, self.image.as_dict())
+        """Hash of everything that changes a caption; needs a pinned engine (its exact model version)."""
+        if not self.engine.pinned_ok:
+            raise ValueError("the fingerprint needs a pinned job (CaptionJob.pinned())")
+        e = self.engine
+        basis = {"model": None if resolve.is_local(e.model) else e.model, "model_version": e.model_version,
+                 "backend": e.backend, "dtype": e.dtype, "engine_options": e.output_options(), "prompt": self.prompt,
+                 "sampling": asdict(self.sampling), "image": self.image.as_dict(), "input": self.row_limits(),
+                 "cleanup": CLEANUP_VERSION}
+        return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def row_limits(self) -> dict:
+        """The input caps that change rows (which images error, how much web caption and metadata is kept);
+        the shard-level caps only decide whether a shard is read at all."""
+        limits = self.limits
+        return {"max_image_bytes": limits.max_image_bytes, "max_text_bytes": limits.max_text_bytes,
+                "max_json_bytes": limits.max_json_bytes}
 
     def caption_config(self) -> dict:
         """The settings recorded in every ledger and in the dataset card."""
-        return {"model": self.engine.model, "revision": self.engine.revision, "backend": self.engine.backend,
-                "prompt": self.prompt, **asdict(self.sampling), "image": self.image.as_dict()}
+        e = self.engine
+        return {"model": e.model, "revision": e.revision, "model_version": e.model_version, "backend": e.backend,
+                "dtype": e.dtype, "max_model_len": e.max_model_len, "engine_options": e.output_options(),
+                "prompt": self.prompt, **asdict(self.sampling), "image": self.image.as_dict(),
+                "input": self.row_limits(), "cleanup": CLEANUP_VERSION}

@@ -1,6 +1,9 @@
 """Caption clean-up and quality flags."""
 from __future__ import annotations
 
+# Bump when clean_caption or quality_flags change what they produce: the version enters the fingerprint.
+CLEANUP_VERSION = 1
+
 # A caption whose distinct n-gram share falls below this is a degenerate repetition loop.
 MIN_DISTINCT_NGRAM_SHARE = 0.5
 NGRAM = 4

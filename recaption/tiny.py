@@ -42,23 +42,25 @@ def build_tokenizer(vocab_size: int = 512):
                                    pad_token="<pad>", unk_token=None, extra_special_tokens={"image_token": "<image>"})
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=CHAT_TEMPLATE)
 
 
-def build_model(tokenizer, seed: int = 0):
+def build_model(tokenizer, seed: int = 0, text_hidden: int = 128, text_layers: int = 2):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32)
-    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+    # head_dim 64: vLLM's CPU attention rejects 16 and 32.
+    text = LlamaConfig(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
+                       num_attention_heads=text_hidden // 64,
                        num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
@@ -86,12 +88,13 @@ def to_llava_hf_layout(out: Path) -> None:
         save_file(renamed, path, metadata={"format": "pt"})
 
 
-def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_llava(out_dir: str | Path, seed: int = 0, text_hidden: int = 128, text_layers: int = 2) -> Path:
+    """The model, processor and tokenizer in `out_dir`; a larger language model costs more per token (benchmarks)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    model = build_model(tokenizer, seed)
+    model = build_model(tokenizer, seed, text_hidden, text_layers)
     model.generation_config.max_length = None
     model.save_pretrained(out)
     processor.save_pretrained(out)

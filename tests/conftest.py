@@ -46,9 +46,6 @@ def root(request, tmp_path) -> str:
     return request.getfixturevalue("s3_bucket") + "/store"
 
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for the CPU engine
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A random-weight LLaVA built locally (nothing downloaded), shared by the whole session."""
@@ -59,10 +56,9 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_model):
-    """One vLLM CPU engine for the session: starting one costs 30-120 s here."""
+    """One vLLM CPU engine for the session, with the default engine flags: starting one costs 30-120 s here."""
     from recaption.engines import EngineConfig, SamplingConfig, make_engine
 
-    engine = make_engine(EngineConfig(tiny_model, backend="vllm", dtype="float32", max_model_len=512),
-                         SamplingConfig(max_tokens=48))
+    engine = make_engine(EngineConfig(tiny_model), SamplingConfig(max_tokens=48))
     yield engine
     engine.close()

@@ -1,10 +1,13 @@
-"""Both caption engines on the tiny LLaVA: vLLM's greedy tokens equal transformers' greedy tokens."""
+"""The caption engines on the tiny LLaVA with default flags: pinned settings, streaming, and vLLM == transformers."""
+import json
 import random
+from pathlib import Path
 
 import pytest
 
 from dataset.synthetic.shapes import draw_shape, random_sample
-from recaption.engines import EngineConfig, SamplingConfig, make_engine
+from recaption.engines import EngineConfig, RequestRejected, SamplingConfig, make_engine
+from recaption.job import CaptionJob
 from recaption.prompt import DEFAULT_PROMPT, PromptBuilder
 
 pytestmark = pytest.mark.slow
@@ -15,9 +18,20 @@ def shape_images(n: int, seed: int = 0):
     return [draw_shape(random_sample(rng), rng.choice([64, 96, 160]), rng) for _ in range(n)]
 
 
-def test_vllm_greedy_equals_transformers_greedy(tiny_model, vllm_engine):
-    reference = make_engine(EngineConfig(tiny_model, backend="transformers", dtype="float32", batch_size=5),
-                            SamplingConfig(max_tokens=48))
+def test_default_flags_pin_the_checkpoint_dtype_and_context(tiny_model):
+    pinned = EngineConfig(tiny_model).pinned()
+    config = json.loads(Path(tiny_model, "config.json").read_text())
+    assert pinned.dtype == config["dtype"] == "float32"
+    assert pinned.max_model_len == config["text_config"]["max_position_embeddings"]
+    assert pinned.model_version.startswith("sha256:")
+    with pytest.raises(ValueError, match="above the 2048 positions"):
+        EngineConfig(tiny_model, max_model_len=4096).pinned()
+    with pytest.raises(ValueError, match="too short"):
+        CaptionJob(EngineConfig(tiny_model, max_model_len=64), SamplingConfig(max_tokens=48)).pinned()
+
+
+def test_default_flags_vllm_greedy_equals_transformers_greedy(tiny_model, vllm_engine):
+    reference = make_engine(EngineConfig(tiny_model, backend="transformers"), SamplingConfig(max_tokens=48))
     prompts = PromptBuilder(reference.processor, DEFAULT_PROMPT)
     images = shape_images(10)
     texts = [prompts.build()] * len(images)
@@ -33,11 +47,19 @@ def test_vllm_greedy_equals_transformers_greedy(tiny_model, vllm_engine):
     assert len({tuple(g.token_ids) for g in ours}) > 1, "captions should depend on the image"
 
 
-def test_generation_fields_and_max_tokens(vllm_engine):
-    prompts = PromptBuilder(vllm_engine.processor, "Describe {org_caption} in detail.")
-    out = vllm_engine.generate([prompts.build("a red circle")], shape_images(1, seed=3))[0]
-    assert isinstance(out.text, str)
-    assert out.num_tokens <= 48
-    assert out.finish_reason in ("stop", "length")
-    if out.finish_reason == "length":
-        assert out.num_tokens == 48
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_streaming_rejects_one_request_and_aborts_another(tiny_model, vllm_engine, backend):
+    engine = vllm_engine if backend == "vllm" else make_engine(
+        EngineConfig(tiny_model, backend="transformers", batch_size=2), SamplingConfig(max_tokens=48))
+    prompt = PromptBuilder(engine.processor, DEFAULT_PROMPT).build()
+    images = shape_images(4, seed=5)
+    for i, image in enumerate(images):
+        engine.add(f"ok-{i}", prompt, image)
+    with pytest.raises(RequestRejected, match="2048"):
+        engine.add("too-long", prompt + " 雨" * 2048, images[0])   # byte tokens: 3 per character
+    engine.abort(["ok-3"])
+    finished = {}
+    while engine.num_unfinished():
+        finished.update(engine.step())
+    assert sorted(finished) == ["ok-0", "ok-1", "ok-2"]
+    assert all(g.num_tokens <= 48 and g.finish_reason in ("stop", "length") for g in finished.values())

@@ -14,15 +14,13 @@ import tomllib
 import yaml
 from packaging.requirements import Requirement
 
+from recaption.pool import ClusterView, size_workers
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 INFRA_FILES = sorted(p for p in INFRA.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 DOCKER_INSTRUCTIONS = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "ADD", "RUN", "ENTRYPOINT", "CMD",
                        "LABEL", "USER", "EXPOSE", "VOLUME", "SHELL", "STOPSIGNAL", "HEALTHCHECK"}
-RECAPTION_FLAGS = {"--input", "--output", "--model", "--backend", "--prompt", "--max-tokens",
-                   "--temperature", "--num-workers", "--gpus-per-worker", "--tensor-parallel-size",
-                   "--no-wds", "--retry-errors", "--new-version", "--max-shards"}
-RECAPTION_SWITCHES = {"--no-wds", "--retry-errors", "--new-version"}
 
 
 def load_yaml(name: str) -> dict:
@@ -98,16 +96,13 @@ def test_infra_file_parses(path: Path):
     check_file(path)
 
 
-def recaption_flags(command: str) -> dict[str, str]:
-    """The flags of a `python pipelines/recaption.py ...` command line (switches map to '')."""
+def recaption_config(command: str):
+    """The job configuration a `python pipelines/recaption.py ...` command line makes (its own parser)."""
+    from pipelines.recaption import config_from_args, parse_args
+
     tokens = shlex.split(command)
     assert tokens[:2] == ["python", "pipelines/recaption.py"], command
-    flags, rest = {}, tokens[2:]
-    while rest:
-        flag = rest.pop(0)
-        assert flag in RECAPTION_FLAGS, f"unknown recaption flag {flag}"
-        flags[flag] = "" if flag in RECAPTION_SWITCHES else rest.pop(0)
-    return flags
+    return config_from_args(parse_args(tokens[2:]))
 
 
 def secret_names(env_vars: dict) -> list[str]:
@@ -123,20 +118,23 @@ def test_rayjob_runs_recaption_on_gpu_workers():
     job = load_yaml("rayjob.yaml")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     assert job["spec"]["shutdownAfterJobFinishes"] is True
-    flags = recaption_flags(job["spec"]["entrypoint"])
-    assert flags["--input"].startswith("s3://") and flags["--output"].startswith("s3://")
-    assert flags["--model"] == "HF_ORG/llava-llama-3-8b-hqedit-hf"  # the converted Recap captioner
+    cfg = recaption_config(job["spec"]["entrypoint"])
+    assert cfg.input.startswith("s3://") and cfg.output.startswith("s3://")
+    assert cfg.job.engine.model == "HF_ORG/llava-llama-3-8b-hqedit-hf"  # the converted Recap captioner
     cluster = job["spec"]["rayClusterSpec"]
     head = rayjob_containers(cluster["headGroupSpec"])
     assert all("nvidia.com/gpu" not in c["resources"].get("limits", {}) for c in head)
-    cluster_gpus = 0
+    cluster_gpus = cluster_cpus = 0
     for group in cluster["workerGroupSpecs"]:
         (worker,) = rayjob_containers(group)
         gpus = int(worker["resources"]["limits"]["nvidia.com/gpu"])
         assert gpus >= 1, f"worker group {group['groupName']} requests no GPU"
         cluster_gpus += gpus * group["replicas"]
-    wanted = int(flags["--num-workers"]) * int(flags.get("--gpus-per-worker", 1))
-    assert wanted == cluster_gpus, "--num-workers x --gpus-per-worker must match the cluster's GPUs"
+        cluster_cpus += int(worker["resources"]["limits"]["cpu"]) * group["replicas"]
+    sizing = size_workers(ClusterView(gpus=cluster_gpus, started_here=False), cfg.pool,
+                          cfg.job.engine.tensor_parallel_size, pending_shards=10**6)
+    assert sizing.workers * sizing.gpus == cluster_gpus, "the job's workers must use exactly the cluster's GPUs"
+    assert sizing.workers * sizing.cpus <= cluster_cpus, "the workers' CPUs must fit the pods"
     env_vars = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     assert all(isinstance(v, str) for v in env_vars.values())
     assert not secret_names(env_vars)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from dataset.reader import ReadLimits, normalise_key
 from dataset.synthetic.bad_inputs import BAD_KINDS, LINK_KINDS, bad_caption, bad_image, bad_json, bad_name
-from dataset.synthetic.shapes import draw_shape, random_sample, web_caption
+from dataset.synthetic.shapes import draw_shape, jpeg_bytes, random_sample, web_caption
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float, link_type: bytes | None = None,
@@ -107,3 +107,27 @@ def compress_shard(tar: str | Path, codec: str) -> None:
     path = Path(tar)
     compress = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}[codec]
     path.write_bytes(compress(path.read_bytes()))
+
+
+def rewrite_members(tar_path: str | Path, change) -> None:
+    """Rewrite a shard in place, each member's (name, data) passed through `change(name, data)`."""
+    with tarfile.open(tar_path) as tar:  # links and other non-regular members are kept as they are
+        members = [(m, change(m.name, tar.extractfile(m).read()) if m.isfile() else None) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        for member, changed in members:
+            if changed is None:
+                tar.addfile(member)
+            else:
+                add_member(tar, *changed, time.time())
+
+
+def fix_images(tar_path: str | Path, keys: set[str]) -> None:
+    """Good JPEGs for the images of `keys`, as if a flaky source now served them."""
+    from PIL import Image
+
+    good = jpeg_bytes(Image.new("RGB", (64, 64), (200, 30, 30)))
+
+    def change(name: str, data: bytes) -> tuple[str, bytes]:
+        key, ext = name.split(".", 1)
+        return (f"{key}.jpg", good) if key in keys and ext in ("jpg", "png") else (name, data)
+    rewrite_members(tar_path, change)

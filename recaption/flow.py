@@ -1,0 +1,175 @@
+"""One shard's flow: input samples -> prepared requests; engine results -> rows and files -> commit.
+
+The worker (recaption/worker.py) decides when requests go to the engine; a flow only turns samples
+into requests and results into output, so it holds one shard's rows (small) and writes its
+WebDataset copy as results come back (in completion order), never holding the shard's images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from dataset import storage
+from dataset.claims import holds
+from dataset.outputs import ShardStore, WdsWriter, build_row, make_ledger, write_parquet
+from dataset.reader import InputSample, ShardReader, expected_samples
+from dataset.wds import iter_samples
+from recaption.engines import Generation, RequestRejected
+from recaption.images import ImageError, PreparedImage, prepare_image
+from recaption.job import CaptionJob
+from recaption.postprocess import clean_caption, quality_flags
+from recaption.prompt import PromptBuilder
+
+WDS_META = ("key", "uid", "url", "sha256", "width", "height", "finish_reason", "num_tokens", "quality", "fingerprint")
+
+
+@dataclass
+class ShardTask:
+    shard: str
+    path: str
+    attempt: int
+    claim_token: str | None          # the driver's claim; checked with holds() right before the commit
+    generation: int = 0              # ledger generation to create (retry-errors: latest + 1)
+    retry_errors: bool = False       # re-caption only the error rows of the committed generation
+    stats_path: str | None = None    # img2dataset's {shard}_stats.json: the samples the tar must hold
+    max_samples: int | None = None   # read only the first samples (--plan's sample runs)
+
+
+@dataclass
+class Item:
+    """One input sample on its way: decoded and prompted, or with the reason it cannot go to the engine."""
+    seq: int
+    sample: InputSample
+    prompt: str | None = None
+    image: PreparedImage | None = None
+    error: str | None = None
+
+
+class ShardFlow:
+    def __init__(self, task: ShardTask, job: CaptionJob, fingerprint: str, store: ShardStore,
+                 prompts: PromptBuilder, worker: str = ""):
+        self.task, self.job, self.fingerprint, self.store, self.prompts = task, job, fingerprint, store, prompts
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self.attempt = store.new_attempt(task.shard)
+        expected = expected_samples(storage.read_bytes(task.stats_path)) if task.stats_path else None
+        self.reader = ShardReader(task.path, job.limits, expected_samples=expected)
+        self.tmp = tempfile.mkdtemp(prefix=f"ov-{task.shard}-")
+        self.rows: dict[int, dict] = {}
+        self.tokens = 0
+        self.started = time.time()
+        self.first_request: float | None = None
+        self.last_result: float | None = None
+        self.previous: list[dict] | None = None
+        self.wds = WdsWriter(os.path.join(self.tmp, "samples.tar")) if job.write_wds else None
+        if task.retry_errors:
+            self._load_previous()
+
+    def _load_previous(self) -> None:
+        """The committed rows, and its WebDataset samples copied into this attempt's tar first."""
+        ledger = self.store.read_ledger(self.task.shard)
+        if ledger is None:
+            raise FileNotFoundError(f"--retry-errors: shard {self.task.shard} has no committed ledger")
+        files = self.store.files(ledger)
+        with storage.open_read(files["parquet"]) as f:
+            self.previous = pq.read_table(f).to_pylist()
+        if self.wds is not None and "wds" in files:
+            for sample in iter_samples(files["wds"]):
+                self.wds.add(sample["key"], sample["image_ext"], sample["image"], sample["txt"].decode(),
+                             sample["re_caption.txt"].decode(), json.loads(sample["json"]))
+
+    def samples(self) -> Iterator[tuple[int, InputSample]]:
+        """(position in the shard, sample) for every sample this attempt captions."""
+        retry = None if self.previous is None else {r["key"] for r in self.previous if r["status"] == "error"}
+        for seq, sample in enumerate(self.reader):
+            if self.task.max_samples is not None and seq >= self.task.max_samples:
+                return
+            if retry is None or sample.key in retry:
+                yield seq, sample
+
+    def prepare(self, seq: int, sample: InputSample) -> Item:
+        """Decode and prompt one sample (thread-safe: runs on the worker's decode threads)."""
+        if sample.image_error:
+            return Item(seq, sample, error=sample.image_error)
+        try:
+            image = prepare_image(sample.image, self.job.image)
+        except ImageError as e:
+            return Item(seq, sample, error=str(e))
+        return Item(seq, sample, self.prompts.build(sample.org_caption or ""), image)
+
+    def sent(self) -> None:
+        """A request of this shard entered the engine."""
+        if self.first_request is None:
+            self.first_request = time.time()
+
+    def record(self, item: Item, result: Generation | RequestRejected | None) -> None:
+        """The row of one sample: its caption, or the reason it has none (`engine: ...` if the engine refused)."""
+        s = item.sample
+        size = {"width": item.image.width, "height": item.image.height} if item.image else {}
+        if isinstance(result, Generation):
+            self.last_result = time.time()
+            text = clean_caption(result.text)
+            row = build_row(s, shard=self.task.shard, fingerprint=self.fingerprint, caption=text,
+                            finish_reason=result.finish_reason, num_tokens=result.num_tokens,
+                            quality=quality_flags(text, result.token_ids, result.finish_reason), **size)
+            self.tokens += result.num_tokens
+            if self.wds is not None:
+                self.wds.add(s.key, s.image_ext or "jpg", s.image, row["org_caption"], text,
+                             {k: row[k] for k in WDS_META})
+        else:
+            if result is not None:
+                self.last_result = time.time()
+            error = item.error if result is None else f"engine: {result}"
+            row = build_row(s, shard=self.task.shard, fingerprint=self.fingerprint, error=error, **size)
+        self.rows[item.seq] = row
+
+    def commit(self) -> dict:
+        """Write the Parquet and WebDataset files, then commit the ledger if the claim is still ours."""
+        try:
+            rows = [self.rows[seq] for seq in sorted(self.rows)]
+            if self.previous is not None:
+                fresh = {r["key"]: r for r in rows}
+                rows = [fresh.get(r["key"], r) for r in self.previous]
+            local = os.path.join(self.tmp, "rows.parquet")
+            write_parquet(rows, local)
+            self.attempt.put("parquet", local, rows=len(rows))
+            if self.wds is not None:
+                samples = self.wds.samples
+                self.wds.close()
+                self.attempt.put("wds", os.path.join(self.tmp, "samples.tar"), rows=samples)
+            ledger = self._ledger(rows)
+            if self.task.claim_token is not None and not holds(self.store.base, self.task.shard,
+                                                               self.task.claim_token):
+                self.attempt.abandon()
+                return {"shard": self.task.shard, "outcome": "lost", "ledger": ledger}
+            committed = self.attempt.commit(ledger, self.task.generation)
+            return {"shard": self.task.shard, "outcome": "committed" if committed else "lost", "ledger": ledger}
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def abandon(self) -> None:
+        if self.wds is not None:
+            self.wds.close()
+        self.attempt.abandon()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _ledger(self, rows: list[dict]) -> dict:
+        finished = time.time()
+        busy_from = self.first_request or self.started
+        generating = max((self.last_result or finished) - busy_from, 1e-9)
+        stats = self.reader.stats.as_dict()
+        if self.task.max_samples is not None:  # a sample run (--plan) reads only part of the shard
+            stats.update(samples_in=len(rows), duplicates=0)
+        return make_ledger(
+            rows, input=self.task.path, fingerprint=self.fingerprint, caption_config=self.job.caption_config(),
+            started_at=self.started, finished_at=finished, worker=self.worker, **stats,
+            first_request_at=self.first_request, generate_seconds=generating,
+            generate_images_per_s=len(self.rows) / generating, generate_tokens_per_s=self.tokens / generating,
+            attempt=self.task.attempt)

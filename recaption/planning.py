@@ -1,0 +1,71 @@
+"""Which input shards a run captions, decided from listings: the inputs, img2dataset's `_stats.json`
+files beside them, and the output's `_ledger/` folder. No per-shard reads, except the ledgers of done
+shards under `--retry-errors` (their error counts), so a rerun over 140,000 done shards costs a few
+listings.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from dataset import storage
+from dataset.outputs import ShardStore
+from dataset.reader import shard_name, stats_path
+from recaption.flow import ShardTask
+
+LEDGER_READ_THREADS = 32  # ledgers are tiny: on S3 the latency of one GET each dominates
+
+
+@dataclass
+class Plan:
+    tasks: list[ShardTask]                              # to caption now, in input order
+    done: int                                           # committed already (by this or another run)
+    not_ready: list[str] = field(default_factory=list)  # img2dataset shards whose _stats.json is missing
+
+    @property
+    def inputs(self) -> int:
+        return len(self.tasks) + self.done + len(self.not_ready)
+
+
+def img2dataset_stats(paths: list[str]) -> dict[str, set[str]]:
+    """Folder -> the `_stats.json` files in it, for every folder holding input tars (one listing each).
+
+    img2dataset writes a shard's tar first and its `_stats.json` last: in a folder that has any stats
+    file, a tar without one is a download still running (or one that died), not a finished shard.
+    """
+    folders = {storage.parent(path) for path in paths}
+    return {folder: set(storage.list_files(folder, "_stats.json")) for folder in folders}
+
+
+def plan(input_spec: str, store: ShardStore, *, retry_errors: bool = False, max_shards: int | None = None) -> Plan:
+    """The pending tasks of a run: shards without a ledger, and with `retry_errors` the done shards that
+    have error rows (as the next ledger generation). Shards img2dataset has not finished are left out."""
+    paths = storage.expand_inputs(input_spec)
+    names = [shard_name(path) for path in paths]
+    clashes = sorted(name for name, count in Counter(names).items() if count > 1)
+    if clashes:
+        raise ValueError(f"input shards share output names {clashes[:5]}: one output folder per set of names")
+    stats = img2dataset_stats(paths)
+    done = store.done()
+    result = Plan([], 0)
+    retry = []
+    for path, name in zip(paths, names):
+        folder_stats = stats[storage.parent(path)]
+        expected = stats_path(path) if folder_stats else None
+        if name in done:
+            result.done += 1
+            if retry_errors:
+                retry.append(ShardTask(name, path, 1, None, generation=done[name] + 1, retry_errors=True,
+                                       stats_path=expected))
+        elif expected is not None and expected not in folder_stats:
+            result.not_ready.append(name)
+        else:
+            result.tasks.append(ShardTask(name, path, 1, None, stats_path=expected))
+    if retry:
+        with ThreadPoolExecutor(LEDGER_READ_THREADS) as pool:
+            ledgers = pool.map(lambda task: store.read_ledger(task.shard, task.generation - 1), retry)
+            result.tasks += [task for task, ledger in zip(retry, ledgers) if ledger and ledger["error"] > 0]
+    if max_shards is not None:
+        result.tasks = result.tasks[:max_shards]
+    return result

@@ -1,0 +1,57 @@
+"""What a running job prints: shards done/total, images/s, tokens/s, the engines' busy share, ETA and
+the GPU-hours (and cost) the whole input will take at the measured rate."""
+from __future__ import annotations
+
+import time
+
+from recaption.cost import Projection, Rates, project
+from recaption.pool import Sizing
+
+
+class Progress:
+    """Counts over the shards this run committed; `line()` is printed at most every `every` seconds."""
+
+    def __init__(self, name: str, total: int, input_shards: int, every: float):
+        self.name, self.total, self.input_shards, self.every = name, total, input_shards, every
+        self.start = self.last_print = time.time()
+        self.done = self.failed = self.images = self.tokens = self.ok = self.errors = 0
+        self.due = False   # print at the next chance (a shard finished)
+
+    def add(self, ledger: dict) -> None:
+        """A shard this run committed."""
+        self.done += 1
+        self.images += ledger.get("rows_out", 0)
+        self.tokens += ledger.get("tokens", 0)
+        self.ok += ledger.get("ok", 0)
+        self.errors += ledger.get("error", 0)
+        self.due = True
+
+    def restart_clock(self) -> None:
+        """Rates count from the first ready worker, not from the job's start-up."""
+        self.start = self.last_print = time.time()
+
+    def rates(self, engine: dict) -> Rates:
+        return Rates.measure(self.images, self.tokens, time.time() - self.start, engine)
+
+    def projection(self, rates: Rates, sizing: Sizing, price: float | None) -> Projection | None:
+        """The whole input at the measured rate (rows per shard from the shards done so far)."""
+        if not self.done:
+            return None
+        return project(round(self.images / self.done * self.input_shards), rates.images_per_s, sizing.workers,
+                       sizing.gpus, price)
+
+    def line(self, rates: Rates, projection: Projection | None) -> str:
+        elapsed = max(time.time() - self.start, 1e-9)
+        finished = self.done + self.failed
+        eta = (self.total - finished) * elapsed / finished if finished else float("nan")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
+        cost = f" | {projection.gpu_hours:,.1f} {projection.unit} for the input" if projection else ""
+        return (f"[{self.name}] shards {self.done}/{self.total} done, {self.failed} failed | {rates.line()} | "
+                f"ETA {eta_text}{cost}")
+
+    def should_print(self, force: bool = False) -> bool:
+        now = time.time()
+        if force or self.due or now - self.last_print >= self.every:
+            self.last_print, self.due = now, False
+            return True
+        return False

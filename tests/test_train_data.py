@@ -1,6 +1,7 @@
 """Tokenizer layout, caption views, augmentation and the resumable shard stream."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def test_truncation_forces_eos_before_cls(tokenizer: CaptionTokenizer) -> None:
 
 def test_any_hf_folder_works_and_gets_bert_special_ids(tokenizer: CaptionTokenizer, tmp_path: Path) -> None:
     # a folder shaped like a bert-base-uncased download: vocab.txt, no bos/eos tokens named
-    (tmp_path / "vocab.txt").write_text("\n".join(tokenizer.backend.id_to_token(i) for i in range(tokenizer.vocab_size)))
+    vocab = [tokenizer.backend.id_to_token(i) for i in range(tokenizer.vocab_size)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer", "do_lower_case": true}')
     bert = CaptionTokenizer.load(tmp_path)
     assert (bert.bos_id, bert.eos_id, bert.cls_id, bert.pad_id) == (BOS_ID, EOS_ID, CLS_ID, PAD_ID)
@@ -112,3 +114,17 @@ def test_ranks_and_workers_split_the_shards(shards: str, tokenizer: CaptionToken
             s0.epoch_shards(epoch, 1, 2) + s1.epoch_shards(epoch, 1, 2)
         # 4 slots, 3 shards: every shard is read, one twice (resampled), every slot gets one
         assert set(mine) == set(expand_urls(shards)) and len(mine) == 4
+
+
+def test_karpathy_json_retrieval_set(tmp_path: Path) -> None:
+    from train.evaluate import load_retrieval_set
+
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    entries = [{"filename": "a.jpg", "split": "test", "sentences": [{"raw": "one"}, {"raw": "two"}]},
+               {"filename": "b.jpg", "split": "train", "sentences": [{"raw": "three"}]},
+               {"filename": "c.jpg", "split": "test", "sentences": [{"raw": "four"}]}]
+    (tmp_path / "karpathy.json").write_text(json.dumps({"images": entries}))
+    images, captions, owner = load_retrieval_set(str(tmp_path / "karpathy.json"))
+    assert [p.name for p in images] == ["a.jpg", "c.jpg"]
+    assert captions == ["one", "two", "four"] and owner == [0, 0, 1]

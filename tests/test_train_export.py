@@ -36,7 +36,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 def test_open_clip_loads_the_export_and_matches(trained: tuple[Path, Path], image_size: int | None) -> None:
     ckpt, root = trained
     out = root / f"open_clip_{image_size}"
-    export_cli.main(["--checkpoint", str(ckpt), "--out", str(out)] + (["--image-size", str(image_size)] if image_size else []))
+    size_args = ["--image-size", str(image_size)] if image_size else []
+    export_cli.main(["--checkpoint", str(ckpt), "--out", str(out), *size_args])
     config = json.loads((out / "open_clip_config.json").read_text())
     assert config["model_cfg"]["text_cfg"]["tokenizer_mode"] == "clips"
 

@@ -101,3 +101,18 @@ def test_sigmoid_model_has_bias_and_scale_10() -> None:
     assert model.logit_bias.item() == -10.0
     assert model.logit_scale.exp().item() == pytest.approx(10.0)
     assert tiny().logit_scale.exp().item() == pytest.approx(1 / 0.07)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    from train.loop import forward_loss
+
+    batch = {"images": torch.randn(2, 3, 32, 32), "texts": torch.randint(5, 200, (4, 8)),
+             "captions": torch.randint(5, 200, (2, 7))}
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny(grad_checkpointing=checkpointing).train()
+        loss, _ = forward_loss(model, batch, model.cfg)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)

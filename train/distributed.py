@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0; gradients flow back to each rank's rows."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    # Backward is a reduce-scatter (sum): each rank gets every rank's gradient for its own rows.
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ class Context:
     world: int
     device: torch.device
     owns_group: bool  # we created the process group (torchrun), so we tear it down
+    local_world: int = 1  # training processes on this node (torchrun and Ray Train set LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -33,8 +34,9 @@ def setup() -> Context:
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
         owns = True
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if dist.is_initialized():
-        return Context(dist.get_rank(), dist.get_world_size(), device, owns)
+        return Context(dist.get_rank(), dist.get_world_size(), device, owns, local_world)
     return Context(0, 1, device, False)
 
 

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context-length", type=int, default=D.context_length, help="text encoder length incl. [CLS]")
     p.add_argument("--caption-length", type=int, default=D.caption_length,
                    help="decoder tokens [BOS] recaption [EOS] [PAD]..; it predicts all but the first")
+    p.add_argument("--vocab-size", type=int, default=D.vocab_size,
+                   help="rows of the embedding tables and the decoder head (at least the tokenizer's size)")
     p.add_argument("--keep-ratio", type=float, default=D.keep_ratio,
                    help="openvision2: share of patch tokens the decoder sees (paper: 25-35%%)")
     p.add_argument("--teacher-forcing", action="store_true",

@@ -47,6 +47,7 @@ class TrainConfig:
     depth: int | None = None
     context_length: int = 80
     caption_length: int = 128
+    vocab_size: int = 32000  # embedding tables and decoder head (bert-base-uncased's 30,522 ids fit)
     keep_ratio: float = 0.35
     teacher_forcing: bool = False
     workers: int | None = None  # None: from the CPUs (`default_workers`), or a resumed checkpoint's
@@ -146,7 +147,7 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model_cfg = model_config(cfg.model, depth=cfg.depth, objective=cfg.objective, loss=cfg.loss,
                              context_length=cfg.context_length, caption_length=cfg.caption_length,
-                             keep_ratio=cfg.keep_ratio, teacher_forcing=cfg.teacher_forcing,
+                             vocab_size=cfg.vocab_size, keep_ratio=cfg.keep_ratio, teacher_forcing=cfg.teacher_forcing,
                              pad_id=tokenizer.pad_id, grad_checkpointing=cfg.grad_checkpointing)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the embedding tables {model_cfg.vocab_size}")

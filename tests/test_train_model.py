@@ -144,7 +144,8 @@ def test_openvision2_decoder_is_causal_over_kept_patches_then_caption() -> None:
 @pytest.mark.parametrize("objective", ["clips", "openvision2"])
 def test_loss_is_contrastive_plus_two_times_caption(objective: str) -> None:
     model = tiny(objective).train()
-    batch = {"images": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "captions": torch.randint(5, 200, (2, 7))}
+    batch = {"images": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+             "captions": torch.randint(5, 200, (2, 7))}
     if objective == "clips":
         batch["texts"] = torch.randint(5, 200, (4, 8))
     else:

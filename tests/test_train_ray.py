@@ -28,7 +28,8 @@ def test_ray_train_two_workers_run_both_stages(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--data", str(tmp_path / "wds" / "*.tar"),
            "--tokenizer", str(tmp_path / "tokenizer"), "--objective", "openvision2",
            "--out", str(run), "--recipe", "tiny", "--ray-workers", "2", "--workers", "0",
-           "--depth", "1", "--context-length", "16", "--vocab-size", "1024", "--caption-length", "12", "--shuffle-buffer", "8",
+           "--depth", "1", "--context-length", "16", "--vocab-size", "1024", "--caption-length", "12",
+           "--shuffle-buffer", "8",
            "--log-every", "1"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -217,3 +217,17 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["clips", "openvision2"])
+def test_bf16_autocast_step_keeps_fp32_losses_and_reaches_every_parameter(objective: str) -> None:
+    """The GPU path's autocast, on the CPU: losses stay fp32 and every parameter gets a gradient."""
+    model = tiny(objective).train()
+    batch = {"images": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8),
+             "captions": torch.randint(5, 200, (2, 7)), "texts": torch.randint(5, 200, (4, 8)),
+             "keep": torch.tensor([[0, 5, 9, 3, 1], [2, 4, 6, 8, 10]])}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = forward_loss(model, batch, model.cfg)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torchvision.transforms as T
@@ -41,6 +42,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 Position = tuple[int, int]  # (epoch, raw samples taken from that epoch's shuffled stream)
+cv2.setNumThreads(1)  # one image per call is small work; the loader's worker processes are the parallelism
 Box = tuple[int, int, int, int]  # left, top, right, bottom
 
 
@@ -94,14 +96,22 @@ def decode_crop(data: bytes, rng: random.Random, size: int) -> Image.Image:
     return rgb.resize((size, size), Image.Resampling.BILINEAR, box=scaled, reducing_gap=3.0)
 
 
+def adjust_hue(img: Image.Image, shift: float) -> Image.Image:
+    """Rotate hue by `shift` of the colour circle in 8-bit HSV, as torchvision does for PIL images,
+    through OpenCV's conversion (about 6x faster than PIL's HSV round trip)."""
+    hsv = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] += np.uint8(round(shift * 255) % 256)  # uint8 wraps around the circle
+    return Image.fromarray(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL))
+
+
 def color_jitter(img: Image.Image, rng: random.Random, strength: float = 0.4) -> Image.Image:
     """SimCLR v2 colour jitter (arXiv:2006.10029, as the reference's `simclr_jitter_gray`):
     brightness, contrast, saturation factors in [1 - 0.8 s, 1 + 0.8 s] and a hue shift in
     [-0.2 s, 0.2 s] of the colour circle, in random order; uint8 images clip after each."""
-    ops = [(TF.adjust_brightness, 1.0), (TF.adjust_contrast, 1.0), (TF.adjust_saturation, 1.0), (TF.adjust_hue, 0.0)]
+    ops = [(TF.adjust_brightness, 1.0), (TF.adjust_contrast, 1.0), (TF.adjust_saturation, 1.0), (adjust_hue, 0.0)]
     rng.shuffle(ops)
     for op, centre in ops:
-        spread = (0.2 if op is TF.adjust_hue else 0.8) * strength
+        spread = (0.2 if op is adjust_hue else 0.8) * strength
         img = op(img, rng.uniform(centre - spread, centre + spread))
     return img
 

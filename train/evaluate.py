@@ -116,8 +116,8 @@ class Evaluator:
         train_set, val_set = ImageFolder(str(train_folder), transform), ImageFolder(str(val_folder), transform)
         if train_set.classes != val_set.classes:
             raise ValueError(f"{train_folder} and {val_folder} have different class folders")
-        train_x, train_y = self.encode_images(train_set)
-        val_x, val_y = self.encode_images(val_set)
+        train_x, train_y = (t.cpu() for t in self.encode_images(train_set))  # small: fit on the CPU
+        val_x, val_y = (t.cpu() for t in self.encode_images(val_set))
         classes = len(train_set.classes)
         return {"knn_top1": knn_accuracy(train_x, train_y, val_x, val_y, classes, k, temperature),
                 "linear_top1": linear_probe_accuracy(train_x, train_y, val_x, val_y, classes, weight_decay),

@@ -85,7 +85,7 @@ class Evaluator:
             raise ValueError(f"{len(names)} class names for {len(dataset.classes)} folders")
         weights = self.classifier(names, templates)
         feats, labels = self.encode_images(dataset)
-        top5 = (feats @ weights.T).topk(min(5, len(names)), dim=1).indices
+        top5 = (feats @ weights.T).topk(min(5, len(names)), dim=1).indices.cpu()
         hits = top5 == labels[:, None]
         return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(dim=1).float().mean().item(),
                 "images": len(dataset), "classes": len(names), "templates": len(templates)}
@@ -95,7 +95,7 @@ class Evaluator:
         """Recall@k image->text (any of the image's captions) and text->image."""
         self.require_text_tower("retrieval")
         img, _ = self.encode_images(LazyImages(images, eval_transform(self.image_size)))
-        sim = img @ self.encode_texts(captions).T
+        sim = (img @ self.encode_texts(captions).T).cpu()
         owner = torch.tensor(caption_image)
         k_max = min(max(ks), sim.shape[1])
         i2t_owner = owner[sim.topk(k_max, dim=1).indices]

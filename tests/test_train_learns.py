@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dataset.synthetic.shapes import write_imagefolder
 from dataset.synthetic.training_shards import write_recaptioned_wds
@@ -26,6 +27,15 @@ def data(tmp_path_factory) -> Path:
     write_imagefolder(root / "probe_train", per_class=4, image_size=64, seed=2)
     train_cli.main(["--build-tokenizer", "--data", str(root / "wds"), "--out", str(root / "tokenizer")])
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread beside the loader worker, so the two processes do not oversubscribe 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def train_run(root: Path, objective: str, steps: int, lr: str, batch: int = 32) -> Path:

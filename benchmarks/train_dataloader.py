@@ -1,21 +1,80 @@
-"""Data-loader throughput: images/s of the training stream, and per loader core.
+"""Data-loader throughput: images/s per loader core, the previous data path and the current one side by side.
 
-  python -m benchmarks.train_dataloader --image-size 160 --batch-size 64 --workers 0 1 2
+  python -m benchmarks.train_dataloader --image-size 160 --batch-size 64 --workers 0 1
 
-Writes synthetic recaptioned shards (JPEGs of --source-size px) to a temporary folder, then
-reads them through `ShardStream` + `DataLoader` exactly as training does (decode, inception crop,
-colour jitter, grayscale, tokenising both text views and the recaption). `--workers 0` decodes
-in the main process, so it also measures one core.
+Writes recaptioned shards of DataComp-size JPEGs (img2dataset's `keep_ratio_largest` at 512 px,
+textured like photos rather than flat synthetic shapes, quality 90) to a temporary folder, then
+reads them through `ShardStream` + `DataLoader` exactly as training does (tokenising both text
+views and the recaption included). Two image paths:
+
+- previous: full-resolution decode, inception crop and resize, colour jitter without hue, float
+  normalisation in the worker (the loader before draft decoding);
+- current (`train.data.augment`): JPEG draft decoding to the crop's scale, one PIL crop+resize,
+  SimCLR jitter with hue, uint8 batches normalised on the device.
+
+`--workers 0` decodes in the main process, so it also measures one core. The two paths alternate
+for `--rounds` rounds and the median counts, so a busy machine slows both alike. The goal is >= 2x.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import random
+import statistics
 import tempfile
 import time
 
-from dataset.synthetic.training_shards import write_recaptioned_wds
-from train.data import ShardStream, expand_urls, make_loader, read_captions
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from dataset.outputs import WdsSample, write_wds
+from train.data import IMAGENET_MEAN, IMAGENET_STD, ShardStream, crop_box, expand_urls, make_loader, read_captions
 from train.tokenizer import CaptionTokenizer
+
+
+def photo_like(rng: np.random.Generator, width: int, height: int) -> bytes:
+    """Smooth colour fields plus fine grain: entropy closer to a photo's than a flat drawing's."""
+    coarse = rng.uniform(0, 255, (height // 32 + 1, width // 32 + 1, 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    grain = rng.normal(0, 6, (height, width, 3))
+    out = io.BytesIO()
+    Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def write_shards(folder: str, shards: int, per_shard: int, size: int) -> None:
+    rng = np.random.default_rng(0)
+    for shard in range(shards):
+        samples = []
+        for i in range(per_shard):
+            aspect = rng.uniform(0.6, 1.0)  # the longer side is `size`, as keep_ratio_largest leaves it
+            width, height = (size, int(size * aspect)) if rng.random() < 0.5 else (int(size * aspect), size)
+            key = f"{shard:05d}{i:04d}"
+            recaption = "A textured field of colour. It has fine grain! Nothing else is in the picture."
+            samples.append(WdsSample(key, "jpg", photo_like(rng, width, height), "colour field", recaption,
+                                     {"key": key}))
+        write_wds(samples, f"{folder}/{shard:05d}.tar")
+
+
+class PreviousStream(ShardStream):
+    """The image path before draft decoding (full decode, torchvision crop, float output)."""
+
+    def image(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        img = img.convert("RGB")
+        left, top, right, bottom = crop_box(*img.size, rng)
+        img = TF.resized_crop(img, top, left, bottom - top, right - left, [self.image_size] * 2, antialias=True)
+        if rng.random() < 0.8:
+            ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+            rng.shuffle(ops)
+            for op in ops:
+                img = op(img, rng.uniform(0.6, 1.4))
+        if rng.random() < 0.2:
+            img = TF.to_grayscale(img, num_output_channels=3)
+        return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def images_per_second(stream: ShardStream, workers: int, batches: int) -> float:
@@ -27,24 +86,32 @@ def images_per_second(stream: ShardStream, workers: int, batches: int) -> float:
     return batches * stream.batch_size / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=160, help="training resolution")
-    p.add_argument("--source-size", type=int, default=256, help="side of the stored JPEGs")
+    p.add_argument("--source-size", type=int, default=512, help="longer side of the stored JPEGs")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=20, help="timed batches per setting")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    a = p.parse_args()
+    p.add_argument("--batches", type=int, default=8, help="timed batches per setting")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurements per path (median reported)")
+    a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        write_recaptioned_wds(tmp, shards=4, per_shard=512, image_size=a.source_size)
-        urls = expand_urls(f"{tmp}/*.tar")
-        tokenizer = CaptionTokenizer.train(read_captions(urls, 2000))
-        print(f"{a.source_size}px JPEGs -> {a.image_size}px, batch {a.batch_size}, {a.batches} batches")
+        write_shards(tmp, shards=2, per_shard=a.batch_size * (a.batches + 2) // 2 + 1, size=a.source_size)
+        urls = expand_urls(tmp)
+        tokenizer = CaptionTokenizer.train(read_captions(urls, 200))
+        print(f"{a.source_size}px JPEGs -> {a.image_size}px crops, batch {a.batch_size}, {a.batches} timed batches, "
+              f"{torch.get_num_threads()} torch threads")
         for workers in a.workers:
-            stream = ShardStream(urls, tokenizer, image_size=a.image_size, batch_size=a.batch_size, context_length=80,
-                                 caption_length=128, seed=0, shuffle_buffer=500)
-            rate = images_per_second(stream, workers, a.batches)
-            print(f"  workers {workers}: {rate:8.1f} images/s  ({rate / max(workers, 1):.1f} per loader core)")
+            rates: dict[str, list[float]] = {"previous": [], "current": []}
+            for _ in range(a.rounds):
+                for name, cls in (("previous", PreviousStream), ("current", ShardStream)):
+                    stream = cls(urls, tokenizer, image_size=a.image_size, batch_size=a.batch_size,
+                                 context_length=80, caption_length=128, seed=0, shuffle_buffer=100)
+                    rates[name].append(images_per_second(stream, workers, a.batches) / max(workers, 1))
+            median = {name: statistics.median(r) for name, r in rates.items()}
+            for name, rate in median.items():
+                print(f"  workers {workers}  {name:<8s} {rate:8.1f} images/s per loader core")
+            print(f"  workers {workers}  speed-up {median['current'] / median['previous']:.2f}x")
 
 
 if __name__ == "__main__":

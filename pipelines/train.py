@@ -1,14 +1,17 @@
 """Train a CLIPS / OpenVision encoder on the recaption job's `wds/` shards.
 
-  python pipelines/train.py --data 'OUT/wds/*.tar' --model Ti/16 --image-size 160 \\
+  python pipelines/train.py --build-tokenizer --data OUT/wds/ --out TOK   (once, if no BERT folder is at hand)
+  python pipelines/train.py --data OUT/wds/ --tokenizer TOK --model Ti/16 --image-size 160 \\
       --batch-size 1024 --samples 10000000 --out RUN
   torchrun --nproc-per-node 8 pipelines/train.py ...          (one process per GPU)
   ray job submit --working-dir . -- python pipelines/train.py ... --ray-workers 16
-  python pipelines/train.py --config B-16 --data ... --out RUN  (all progressive-resolution stages)
+  python pipelines/train.py --recipe B/16 --data ... --tokenizer TOK --out RUN   (all three stages)
 
-Defaults are RECIPE.md's stage 1 (global batch 32,768, 12.8 B samples); set --batch-size and
---samples for anything smaller. Checkpoints go to RUN/checkpoints, metrics to stdout,
-RUN/metrics.jsonl, RUN/tensorboard and RUN/loss.png.
+--data takes what the recaption job's --input takes: a folder, a glob, a brace range
+('OUT/wds/{00000..00099}.tar'), or an s3:// prefix or glob. Defaults are stage 1 of the
+CLIPA/OpenVision schedule (global batch 32,768, 12.8 B samples); set --batch-size and --samples
+for anything smaller. Checkpoints go to RUN/checkpoints, metrics to stdout, RUN/metrics.jsonl,
+RUN/tensorboard and RUN/loss.png.
 """
 from __future__ import annotations
 
@@ -19,64 +22,70 @@ import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from train.data import expand_urls, read_captions
 from train.loop import TrainConfig, train
-from train.stages import run_stages
+from train.model import LOSSES, OBJECTIVES, SIZES
+from train.recipes import run_stages
+from train.tokenizer import CaptionTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
 D = TrainConfig(data="", out="")
+TOKENIZER_SAMPLES = 1_000_000  # captions of this many samples train --build-tokenizer's vocabulary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="shard glob or brace pattern, e.g. 'OUT/wds/*.tar'")
+    p.add_argument("--data", required=True, help="shards: folder, glob, brace range, or s3:// prefix or glob")
     p.add_argument("--out", required=True, help="run folder (checkpoints, tokenizer, logs)")
-    p.add_argument("--model", default=D.model, help="SIZE/PATCH with SIZE in Ti,S,B,L,So400m,H")
-    p.add_argument("--objective", default=D.objective, choices=["clips", "openvision2"],
+    p.add_argument("--build-tokenizer", action="store_true",
+                   help="instead of training: learn an uncased 32k WordPiece from the captions of the first "
+                        f"{TOKENIZER_SAMPLES:,} samples of --data, write it to --out (a Hugging Face folder for "
+                        "--tokenizer) and exit")
+    p.add_argument("--model", default=D.model, help=f"SIZE/PATCH with SIZE in {','.join(SIZES)}")
+    p.add_argument("--objective", default=D.objective, choices=OBJECTIVES,
                    help="clips: contrastive + caption decoder (OpenVision 1); openvision2: caption only")
-    p.add_argument("--loss", default=D.loss, choices=["softmax", "sigmoid"], help="contrastive loss")
+    p.add_argument("--loss", default=D.loss, choices=LOSSES, help="contrastive loss")
     p.add_argument("--image-size", type=int, default=D.image_size,
-                   help="training resolution (RECIPE stage 1 for Ti/S/B; L/So400m/H use 84)")
-    p.add_argument("--batch-size", type=int, default=D.batch_size,
-                   help="GLOBAL batch over all processes (RECIPE stage 1: 32768)")
-    p.add_argument("--samples", type=int, default=D.samples,
-                   help="samples this run sees; sets the schedule length (RECIPE stage 1: 12.8e9)")
-    p.add_argument("--base-lr", type=float, default=D.base_lr,
-                   help="LR per 256 samples; peak LR = base-lr x batch/256 (8e-6 gives 1.024e-3 at 32768)")
-    p.add_argument("--warmup-samples", type=int, default=None,
-                   help="linear warmup length in samples (default: 0.4%% of --samples, RECIPE's 51.2M of 12.8B)")
+                   help="training resolution (stage 1 for Ti/S/B; L/So400m/H use 84)")
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help="GLOBAL batch over all processes")
+    p.add_argument("--samples", type=int, default=D.samples, help="samples this run sees; sets the schedule length")
+    p.add_argument("--base-lr", type=float, default=D.base_lr, help="LR per 256 samples; peak = base-lr x batch/256")
+    p.add_argument("--warmup-samples", type=int, default=D.warmup_samples,
+                   help="linear warmup length in samples (default: 0.4%% of --samples, stage 1's 51.2M of 12.8B)")
     p.add_argument("--weight-decay", type=float, default=D.weight_decay, help="decoupled, weight matrices only")
-    p.add_argument("--tokenizer", default=None,
-                   help="Hugging Face tokenizer folder (e.g. bert-base-uncased); default: train an uncased "
-                        "WordPiece on the training captions and keep it in RUN/tokenizer")
-    p.add_argument("--tokenizer-samples", type=int, default=D.tokenizer_samples,
-                   help="captions of this many samples train the default tokenizer")
-    p.add_argument("--init-from", default=None, help="checkpoint whose weights (and tokenizer) start this run")
+    p.add_argument("--tokenizer", default=D.tokenizer,
+                   help="Hugging Face tokenizer folder (bert-base-uncased, as the reference, or --build-tokenizer's); "
+                        "not needed with --resume or --init-from (the checkpoint carries its tokenizer)")
+    p.add_argument("--init-from", default=D.init_from, help="checkpoint whose weights (and tokenizer) start this run")
     p.add_argument("--resume", action="store_true", help="continue from RUN's latest checkpoint, exactly")
-    p.add_argument("--depth", type=int, default=None, help="override every tower's depth (small experiments)")
-    p.add_argument("--context-length", type=int, default=D.context_length,
-                   help="text encoder length including [CLS] (RECIPE: 80)")
+    p.add_argument("--depth", type=int, default=D.depth, help="override every tower's depth (small experiments)")
+    p.add_argument("--context-length", type=int, default=D.context_length, help="text encoder length incl. [CLS]")
     p.add_argument("--caption-length", type=int, default=D.caption_length,
-                   help="recaption tokens the decoder predicts (RECIPE: 128)")
+                   help="decoder tokens [BOS] recaption [EOS] [PAD]..; it predicts all but the first")
+    p.add_argument("--vocab-size", type=int, default=D.vocab_size,
+                   help="rows of the embedding tables and the decoder head (at least the tokenizer's size)")
     p.add_argument("--keep-ratio", type=float, default=D.keep_ratio,
-                   help="openvision2: share of patch tokens kept for the decoder (paper: ~25-35%%)")
+                   help="openvision2: share of patch tokens the decoder sees (paper: 25-35%%)")
+    p.add_argument("--teacher-forcing", action="store_true",
+                   help="clips: queries also see the previous recaption token (not the reference decoder)")
     p.add_argument("--workers", type=int, default=D.workers,
-                   help="data-loader processes per training process (about one per 250 images/s needed); "
-                        "--resume needs the same value")
+                   help="data-loader processes per training process (default: this node's cores / processes - 1, "
+                        "or the resumed checkpoint's); --resume needs the same value")
     p.add_argument("--shuffle-buffer", type=int, default=D.shuffle_buffer,
                    help="samples held per loader worker for shuffling (costs memory: ~image bytes each)")
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--log-every", type=int, default=D.log_every, help="steps between metric lines")
     p.add_argument("--save-every", type=int, default=D.save_every, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=int, default=D.keep_checkpoints, help="newest checkpoints kept")
-    p.add_argument("--stop-at-step", type=int, default=None,
+    p.add_argument("--stop-at-step", type=int, default=D.stop_at_step,
                    help="stop (with a checkpoint) at this step; the schedule still follows --samples")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the (DDP-wrapped) model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
-    p.add_argument("--config", default=None,
-                   help="stage file (train/configs/*.json or its name, e.g. B-16): runs its stages into "
-                        "RUN/stage1.. each from the previous one's last checkpoint; its fields override the flags")
-    p.add_argument("--stage", type=int, default=None, help="with --config: run only this stage (1-based)")
+    p.add_argument("--recipe", default=None,
+                   help="run every stage of a model's progressive-resolution recipe (train/recipes.py: a model "
+                        "name such as B/16, or 'tiny') into RUN/stage1.., each from the previous stage's last "
+                        "checkpoint; the recipe sets model, resolution, samples, batch, LR and warmup")
+    p.add_argument("--stage", type=int, default=None, help="with --recipe: run only this stage (1-based)")
     p.add_argument("--ray-workers", type=int, default=0,
                    help="run as a Ray Train TorchTrainer with this many workers (each takes a GPU when the "
                         "cluster has GPUs); RUN must be on storage every node sees")
@@ -89,10 +98,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(config: dict) -> None:
-    """Train one run or every stage of --config; the body of each Ray worker too."""
+    """Train one run or every stage of --recipe; the body of each Ray worker too."""
     cfg = TrainConfig(**config["train"])
-    if config["stages"]:
-        run_stages(cfg, config["stages"], train, only=config["stage"])
+    if config["recipe"]:
+        run_stages(cfg, config["recipe"], train, only=config["stage"])
     else:
         train(cfg)
 
@@ -112,9 +121,18 @@ def run_with_ray(config: dict, workers: int) -> None:
     trainer.fit()
 
 
+def build_tokenizer(data: str, out: str) -> None:
+    tokenizer = CaptionTokenizer.train(read_captions(expand_urls(data), TOKENIZER_SAMPLES))
+    tokenizer.save(out)
+    print(f"wrote {out}: {tokenizer.vocab_size} tokens")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    config = {"train": asdict(train_config(args)), "stages": args.config, "stage": args.stage}
+    if args.build_tokenizer:
+        build_tokenizer(args.data, args.out)
+        return
+    config = {"train": asdict(train_config(args)), "recipe": args.recipe, "stage": args.stage}
     if args.ray_workers:
         run_with_ray(config, args.ray_workers)
     else:

@@ -1,16 +1,30 @@
-"""Tokenizer layout, caption views, augmentation and the resumable shard stream."""
+"""Tokenizer layout, caption views, augmentation, the input grammar and the resumable shard stream."""
 from __future__ import annotations
 
+import io
+import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from dataset import storage
+from dataset.synthetic.shapes import jpeg_bytes
 from dataset.synthetic.training_shards import write_recaptioned_wds
-from train.data import ShardStream, augment, expand_urls, read_captions, subcaptions
-from train.templates import CLIP_TEMPLATES, ZEROSHOT_TEMPLATES
+from train.data import (
+    ShardStream,
+    augment,
+    color_jitter,
+    crop_box,
+    decode_crop,
+    expand_urls,
+    read_captions,
+    subcaptions,
+)
+from train.evaluate import ZEROSHOT_TEMPLATES, classnames_from, templates_from
 from train.tokenizer import BOS_ID, CLS_ID, EOS_ID, PAD_ID, CaptionTokenizer
 
 
@@ -46,7 +60,8 @@ def test_truncation_forces_eos_before_cls(tokenizer: CaptionTokenizer) -> None:
 
 def test_any_hf_folder_works_and_gets_bert_special_ids(tokenizer: CaptionTokenizer, tmp_path: Path) -> None:
     # a folder shaped like a bert-base-uncased download: vocab.txt, no bos/eos tokens named
-    (tmp_path / "vocab.txt").write_text("\n".join(tokenizer.backend.id_to_token(i) for i in range(tokenizer.vocab_size)))
+    vocab = [tokenizer.backend.id_to_token(i) for i in range(tokenizer.vocab_size)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer", "do_lower_case": true}')
     bert = CaptionTokenizer.load(tmp_path)
     assert (bert.bos_id, bert.eos_id, bert.cls_id, bert.pad_id) == (BOS_ID, EOS_ID, CLS_ID, PAD_ID)
@@ -61,15 +76,53 @@ def test_subcaptions_split_on_runs_of_stops() -> None:
 
 
 def test_augment_is_a_function_of_the_rng() -> None:
-    img = Image.new("RGB", (100, 80), (200, 30, 30))
-    a, b = augment(img, random.Random(1), 32), augment(img, random.Random(1), 32)
-    assert a.shape == (3, 32, 32) and torch.equal(a, b)
-    assert not torch.equal(a, augment(img, random.Random(2), 32))
+    data = jpeg_bytes(Image.new("RGB", (100, 80), (200, 30, 30)))
+    a, b = augment(data, random.Random(1), 32), augment(data, random.Random(1), 32)
+    assert a.shape == (3, 32, 32) and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert not torch.equal(a, augment(data, random.Random(2), 32))
 
 
-def test_templates_are_clips_80_plus_bare_name() -> None:
-    assert len(CLIP_TEMPLATES) == 80 == len(set(CLIP_TEMPLATES))
-    assert ZEROSHOT_TEMPLATES[-1] == "{}" and all("{}" in t for t in ZEROSHOT_TEMPLATES)
+def test_draft_decoding_matches_a_full_decode() -> None:
+    """A 512 px JPEG cropped to 160 px: decoded at 1/2 scale, it must look like the full decode."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 512)
+    pixels = np.stack([ramp[None, :].repeat(512, 0), ramp[:, None].repeat(512, 1),
+                       rng.uniform(0, 255, (64, 64)).repeat(8, 0).repeat(8, 1)], axis=-1).astype(np.uint8)
+    data = jpeg_bytes(Image.fromarray(pixels), quality=95)
+    for seed in range(5):
+        fast = np.asarray(decode_crop(data, random.Random(seed), 160), dtype=np.float32)
+        box = crop_box(512, 512, random.Random(seed))  # the same crop box, from a full-resolution decode
+        full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((160, 160), Image.Resampling.BILINEAR,
+                                                                              box=box), dtype=np.float32)
+        # DCT-domain downscaling is a different low-pass than the bilinear filter: a few grey levels
+        assert np.abs(fast - full).mean() < 3.0, seed
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (256, 256))
+    assert img.size == (256, 256)  # PIL honours the draft request: 1/2 scale here
+
+
+def test_colour_jitter_shifts_hue_by_at_most_0_08() -> None:
+    """SimCLR jitter at strength 0.4 includes a hue shift of up to 0.2 x 0.4 = 0.08 of the colour
+    circle; brightness, contrast and saturation leave a flat colour's hue where it is."""
+    img = Image.new("RGB", (8, 8), (200, 60, 30))
+    hue = lambda im: np.asarray(im.convert("HSV"), dtype=np.float32)[..., 0].mean() / 255  # noqa: E731
+    shifts = []
+    for seed in range(60):
+        delta = hue(color_jitter(img, random.Random(seed))) - hue(img)
+        shifts.append((delta + 0.5) % 1.0 - 0.5)  # around the circle
+    shifts = np.abs(shifts)
+    assert shifts.max() <= 0.08 + 2 / 255  # uint8 HSV quantisation
+    assert shifts.max() > 0.05 and (shifts > 0.01).mean() > 0.5
+
+
+def test_zeroshot_classnames_and_templates_come_from_open_clip(tmp_path: Path) -> None:
+    names = classnames_from("imagenet")
+    assert len(names) == 1000 and names[0] == "tench"
+    assert len(ZEROSHOT_TEMPLATES) == 81 and ZEROSHOT_TEMPLATES[-1]("cat") == "cat"
+    assert ZEROSHOT_TEMPLATES[0]("cat") == "a bad photo of a cat."
+    (tmp_path / "t.txt").write_text("a {} here\nitap of {}\n")
+    assert [t("dog") for t in templates_from(str(tmp_path / "t.txt"))] == ["a dog here", "itap of dog"]
+    assert classnames_from(None) is None
 
 
 def stream(shards: str, tokenizer: CaptionTokenizer, **kw) -> ShardStream:
@@ -84,12 +137,39 @@ def take(s: ShardStream, n: int) -> list:
 
 def test_batches_hold_two_views_and_the_recaption(shards: str, tokenizer: CaptionTokenizer) -> None:
     batch, worker, position = take(stream(shards, tokenizer), 1)[0]
-    assert batch["images"].shape == (4, 3, 32, 32)
+    assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.uint8
     assert batch["texts"].shape == (8, 16) and (batch["texts"][:, -1] == CLS_ID).all()
-    assert batch["captions"].shape == (4, 25) and (batch["captions"][:, 0] == BOS_ID).all()
-    assert worker == 0 and position[0] == 0
+    assert batch["captions"].shape == (4, 24) and (batch["captions"][:, 0] == BOS_ID).all()
+    assert worker == 0 and position[0] == 0 and "keep" not in batch
     web, sub = batch["texts"][:4], batch["texts"][4:]
     assert not torch.equal(web, sub)
+
+
+def test_openvision2_batches_carry_kept_token_indices(shards: str, tokenizer: CaptionTokenizer) -> None:
+    batches = take(stream(shards, tokenizer, text_views=False, keep=(16, 5)), 2)
+    keep = torch.cat([b["keep"] for b, _, _ in batches])
+    assert "texts" not in batches[0][0] and keep.shape == (8, 5)
+    assert all(len(set(row.tolist())) == 5 and row.max() < 16 for row in keep)  # without replacement
+    assert not all(torch.equal(row, row.sort().values) for row in keep)  # random order, as the reference
+    again = take(stream(shards, tokenizer, text_views=False, keep=(16, 5)), 2)
+    assert torch.equal(keep, torch.cat([b["keep"] for b, _, _ in again]))  # part of the seeded stream
+
+
+def test_data_accepts_the_recaption_input_grammar(shards: str, tmp_path: Path) -> None:
+    folder = str(Path(shards).parent)
+    assert expand_urls(folder) == expand_urls(shards) == expand_urls(folder + "/{00000..00002}.tar")
+    with pytest.raises(ValueError, match="no input shards"):
+        expand_urls(str(tmp_path / "*.tar"))
+
+
+@pytest.mark.slow
+def test_stream_reads_shards_from_s3(shards: str, tokenizer: CaptionTokenizer, s3_bucket: str) -> None:
+    for path in expand_urls(shards):
+        storage.write_bytes(f"{s3_bucket}/wds/{Path(path).name}", Path(path).read_bytes())
+    remote = take(stream(f"{s3_bucket}/wds/", tokenizer), 3)
+    local = take(stream(shards, tokenizer), 3)
+    for (a, _, pa), (b, _, pb) in zip(local, remote):
+        assert pa == pb and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stream_resumes_exactly_from_a_position(shards: str, tokenizer: CaptionTokenizer) -> None:
@@ -112,3 +192,17 @@ def test_ranks_and_workers_split_the_shards(shards: str, tokenizer: CaptionToken
             s0.epoch_shards(epoch, 1, 2) + s1.epoch_shards(epoch, 1, 2)
         # 4 slots, 3 shards: every shard is read, one twice (resampled), every slot gets one
         assert set(mine) == set(expand_urls(shards)) and len(mine) == 4
+
+
+def test_karpathy_json_retrieval_set(tmp_path: Path) -> None:
+    from train.evaluate import load_retrieval_set
+
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    entries = [{"filename": "a.jpg", "split": "test", "sentences": [{"raw": "one"}, {"raw": "two"}]},
+               {"filename": "b.jpg", "split": "train", "sentences": [{"raw": "three"}]},
+               {"filename": "c.jpg", "split": "test", "sentences": [{"raw": "four"}]}]
+    (tmp_path / "karpathy.json").write_text(json.dumps({"images": entries}))
+    images, captions, owner = load_retrieval_set(str(tmp_path / "karpathy.json"))
+    assert [p.name for p in images] == ["a.jpg", "c.jpg"]
+    assert captions == ["one", "two", "four"] and owner == [0, 0, 1]

@@ -30,7 +30,7 @@ def data(tmp_path_factory) -> tuple[str, str]:
 def test_resume_continues_exactly(objective: str, data: tuple[str, str], tmp_path: Path) -> None:
     shards, tokenizer = data
     common = dict(data=shards, tokenizer=tokenizer, model="Ti/16", depth=1, objective=objective, image_size=32,
-                  batch_size=8, samples=8 * 7, base_lr=0.03, warmup_samples=16, context_length=16,
+                  batch_size=8, samples=8 * 7, base_lr=0.03, warmup_samples=16, context_length=16, vocab_size=1024,
                   caption_length=16, workers=2, shuffle_buffer=16, log_every=1, save_every=4)
     straight = train(TrainConfig(out=str(tmp_path / "a"), **common))
     stopped = train(TrainConfig(out=str(tmp_path / "b"), stop_at_step=3, **common))

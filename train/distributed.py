@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,7 @@ class Context:
     world: int
     device: torch.device
     owns_group: bool  # we created the process group (torchrun), so we tear it down
+    local_world: int = 1  # training processes on this node (torchrun and Ray Train set LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -33,8 +34,9 @@ def setup() -> Context:
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
         owns = True
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if dist.is_initialized():
-        return Context(dist.get_rank(), dist.get_world_size(), device, owns)
+        return Context(dist.get_rank(), dist.get_world_size(), device, owns, local_world)
     return Context(0, 1, device, False)
 
 
@@ -47,7 +49,8 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0; gradients flow back to each rank's rows."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    # Backward is a reduce-scatter (sum): each rank gets every rank's gradient for its own rows.
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

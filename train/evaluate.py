@@ -1,4 +1,6 @@
-"""Zero-shot classification on an ImageFolder tree and image-text retrieval (R@1/5/10 both ways)."""
+"""Evaluate an encoder: zero-shot classification on an ImageFolder tree and image-text retrieval
+(R@1/5/10 both ways) for models with a text tower; k-NN and linear-probe classification on
+ImageFolder train/val trees for any encoder (OpenVision 2 has no text tower)."""
 from __future__ import annotations
 
 import io
@@ -9,16 +11,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import webdataset as wds
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
 from train import checkpoint
-from train.data import eval_transform, expand_urls, text_field
+from train.data import eval_transform, expand_urls, image_bytes, read_shards, text_field
 from train.model import CLIPS, build_model, config_from_dict
-from train.templates import ZEROSHOT_TEMPLATES
 from train.tokenizer import CaptionTokenizer
+
+Template = Callable[[str], str]
+# CLIP's 80 ImageNet prompts (Radford et al. 2021, as open_clip ships them) and the bare class name.
+ZEROSHOT_TEMPLATES: tuple[Template, ...] = (*OPENAI_IMAGENET_TEMPLATES, lambda c: c)
+CLASSNAME_SETS = {"imagenet": IMAGENET_CLASSNAMES}
 
 
 @dataclass
@@ -36,14 +42,18 @@ class Evaluator:
         state = checkpoint.load(path)
         model = build_model(config_from_dict(state["model_config"]))
         model.load_state_dict(state["model"])
-        if model.text is None:
-            raise ValueError(f"{path}: an openvision2 model has no text tower to evaluate with")
         size = image_size or state["train_config"]["image_size"]
         return cls(model.to(device).eval(), CaptionTokenizer.from_files(state["tokenizer"]), size,
                    torch.device(device), **kw)
 
+    def require_text_tower(self, task: str) -> None:
+        if self.model.text is None:
+            raise ValueError(f"{task} needs a text tower; this {self.model.cfg.objective} encoder has none "
+                             "(use the k-NN / linear probe)")
+
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        self.require_text_tower("text encoding")
         feats = []
         for i in range(0, len(texts), 256):
             ids = self.tokenizer.encode(list(texts[i:i + 256]), self.model.cfg.context_length)
@@ -59,22 +69,23 @@ class Evaluator:
             targets.append(target)
         return torch.cat(feats), torch.cat(targets)
 
-    def classifier(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    def classifier(self, classnames: Sequence[str], templates: Sequence[Template]) -> torch.Tensor:
         """(classes, dim): the normalised mean of each class's prompt embeddings."""
-        prompts = [t.format(c) for c in classnames for t in templates]
+        prompts = [t(c) for c in classnames for t in templates]
         per_prompt = self.encode_texts(prompts).view(len(classnames), len(templates), -1)
         return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
     def zeroshot(self, folder: str | Path, classnames: Sequence[str] | None = None,
-                 templates: Sequence[str] = ZEROSHOT_TEMPLATES) -> dict[str, float]:
+                 templates: Sequence[Template] = ZEROSHOT_TEMPLATES) -> dict[str, float]:
         """Top-1/top-5 accuracy; class names default to the folder names ('_' read as space)."""
+        self.require_text_tower("zero-shot classification")
         dataset = ImageFolder(str(folder), transform=eval_transform(self.image_size))
         names = list(classnames) if classnames else [c.replace("_", " ") for c in dataset.classes]
         if len(names) != len(dataset.classes):
             raise ValueError(f"{len(names)} class names for {len(dataset.classes)} folders")
         weights = self.classifier(names, templates)
         feats, labels = self.encode_images(dataset)
-        top5 = (feats @ weights.T).topk(min(5, len(names)), dim=1).indices
+        top5 = (feats @ weights.T).topk(min(5, len(names)), dim=1).indices.cpu()
         hits = top5 == labels[:, None]
         return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(dim=1).float().mean().item(),
                 "images": len(dataset), "classes": len(names), "templates": len(templates)}
@@ -82,8 +93,9 @@ class Evaluator:
     def retrieval(self, images: list[bytes | Path], captions: list[str],
                   caption_image: list[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, float]]:
         """Recall@k image->text (any of the image's captions) and text->image."""
+        self.require_text_tower("retrieval")
         img, _ = self.encode_images(LazyImages(images, eval_transform(self.image_size)))
-        sim = img @ self.encode_texts(captions).T
+        sim = (img @ self.encode_texts(captions).T).cpu()
         owner = torch.tensor(caption_image)
         k_max = min(max(ks), sim.shape[1])
         i2t_owner = owner[sim.topk(k_max, dim=1).indices]
@@ -94,6 +106,47 @@ class Evaluator:
             "text_to_image": {f"R@{k}": (t2i[:, :k] == owner[:, None]).any(1).float().mean().item() for k in ks},
             "images": sim.shape[0], "captions": sim.shape[1],
         }
+
+
+    def probe(self, train_folder: str | Path, val_folder: str | Path, k: int = 20, temperature: float = 0.07,
+              weight_decay: float = 1e-4) -> dict[str, float]:
+        """k-NN (DINO's weighted vote, arXiv:2104.14294) and a linear probe (multinomial logistic
+        regression, L-BFGS) on the pooled, normalised image features of two ImageFolder trees."""
+        transform = eval_transform(self.image_size)
+        train_set, val_set = ImageFolder(str(train_folder), transform), ImageFolder(str(val_folder), transform)
+        if train_set.classes != val_set.classes:
+            raise ValueError(f"{train_folder} and {val_folder} have different class folders")
+        train_x, train_y = (t.cpu() for t in self.encode_images(train_set))  # small: fit on the CPU
+        val_x, val_y = (t.cpu() for t in self.encode_images(val_set))
+        classes = len(train_set.classes)
+        return {"knn_top1": knn_accuracy(train_x, train_y, val_x, val_y, classes, k, temperature),
+                "linear_top1": linear_probe_accuracy(train_x, train_y, val_x, val_y, classes, weight_decay),
+                "train_images": len(train_set), "val_images": len(val_set), "classes": classes}
+
+
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 classes: int, k: int, temperature: float) -> float:
+    """Each validation image votes with its k most similar training images, weighted exp(sim / T)."""
+    sim, idx = (val_x @ train_x.T).topk(min(k, len(train_x)), dim=1)
+    votes = torch.zeros(len(val_x), classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+    return (votes.argmax(dim=1) == val_y).float().mean().item()
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                          classes: int, weight_decay: float, steps: int = 200) -> float:
+    """Fit softmax regression on the training features, report top-1 on the validation features."""
+    layer = torch.nn.Linear(train_x.shape[1], classes)
+    opt = torch.optim.LBFGS(layer.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(train_x), train_y) + weight_decay * layer.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (layer(val_x).argmax(dim=1) == val_y).float().mean().item()
 
 
 class LazyImages(Dataset):
@@ -126,9 +179,9 @@ def load_retrieval_set(spec: str, images_root: str | None = None, split: str = "
             captions += [s["raw"] for s in entry["sentences"]]
             images.append(root / entry.get("filepath", "") / entry["filename"])
         return images, captions, owner
-    for sample in wds.WebDataset(expand_urls(spec), shardshuffle=False, empty_check=False):
+    for sample in read_shards(expand_urls(spec)):
         text = text_field(sample, caption_field)
-        data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        data = image_bytes(sample)
         if data is None or not text:
             continue
         owner.append(len(images))
@@ -141,16 +194,30 @@ def read_lines(path: str | Path) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def classnames_from(spec: str | None) -> list[str] | None:
+    """'imagenet' (open_clip's CLIP class names), a file with one name per line, or None (folder names)."""
+    if spec is None:
+        return None
+    return list(CLASSNAME_SETS[spec]) if spec in CLASSNAME_SETS else read_lines(spec)
+
+
+def templates_from(path: str | None) -> tuple[Template, ...]:
+    """Prompt templates from a file (one per line, '{}' for the class name), else CLIP's 80 + '{}'."""
+    return tuple(line.format for line in read_lines(path)) if path else ZEROSHOT_TEMPLATES
+
+
 def evaluate(ckpt: str | Path, *, zeroshot: str | None = None, classnames: str | None = None,
              templates: str | None = None, retrieval: str | None = None, retrieval_images: str | None = None,
-             split: str = "test", image_size: int | None = None, device: str = "cpu",
-             batch_size: int = 64, workers: int = 2) -> dict:
-    """Run the requested evaluations; returns {"zeroshot": {...}, "retrieval": {...}}."""
+             split: str = "test", probe_train: str | None = None, probe_val: str | None = None,
+             image_size: int | None = None, device: str = "cpu", batch_size: int = Evaluator.batch_size,
+             workers: int = Evaluator.workers) -> dict:
+    """Run the requested evaluations; returns {"zeroshot": {...}, "retrieval": {...}, "probe": {...}}."""
     ev = Evaluator.from_checkpoint(ckpt, device, image_size, batch_size=batch_size, workers=workers)
     results: dict = {"checkpoint": str(ckpt), "image_size": ev.image_size}
     if zeroshot:
-        results["zeroshot"] = ev.zeroshot(zeroshot, read_lines(classnames) if classnames else None,
-                                          read_lines(templates) if templates else ZEROSHOT_TEMPLATES)
+        results["zeroshot"] = ev.zeroshot(zeroshot, classnames_from(classnames), templates_from(templates))
     if retrieval:
         results["retrieval"] = ev.retrieval(*load_retrieval_set(retrieval, retrieval_images, split))
+    if probe_train and probe_val:
+        results["probe"] = ev.probe(probe_train, probe_val)
     return results

@@ -15,19 +15,21 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from train import checkpoint, distributed
-from train.data import ShardStream, expand_urls, make_loader, read_captions
-from train.losses import caption_loss, match_accuracy, sigmoid_contrastive, softmax_contrastive, token_accuracy
+from train.data import ShardStream, default_workers, expand_urls, make_loader, normalize_images
+from train.losses import caption_loss, match_accuracy, sigmoid_contrastive, softmax_contrastive
 from train.metrics import RunLogger
 from train.model import ModelConfig, build_model, model_config
 from train.optim import make_optimizer, warmup_cosine
 from train.tokenizer import CaptionTokenizer
 
+# Loss = 1 x contrastive + 2 x caption (OpenVision 2: 2 x caption), the reference configs'
+# `clip_loss_weight` and `coca_caption_loss_weight`.
 CONTRASTIVE_WEIGHT, CAPTION_WEIGHT = 1.0, 2.0
 
 
 @dataclass
 class TrainConfig:
-    """One training stage; defaults are RECIPE.md's stage 1 (see pipelines/train.py --help)."""
+    """One training stage; defaults are stage 1 of the CLIPA/OpenVision schedule (`train.recipes`)."""
     data: str
     out: str
     model: str = "B/16"
@@ -39,15 +41,16 @@ class TrainConfig:
     base_lr: float = 8e-6  # per 256 samples of global batch
     warmup_samples: int | None = None  # None: 0.4 % of `samples`
     weight_decay: float = 0.2
-    tokenizer: str | None = None
-    tokenizer_samples: int = 1_000_000
+    tokenizer: str | None = None  # Hugging Face tokenizer folder; a resumed or initialised run uses its checkpoint's
     init_from: str | None = None
     resume: bool = False
     depth: int | None = None
     context_length: int = 80
     caption_length: int = 128
-    keep_ratio: float = 0.3
-    workers: int = 4
+    vocab_size: int = 32000  # embedding tables and decoder head (bert-base-uncased's 30,522 ids fit)
+    keep_ratio: float = 0.35
+    teacher_forcing: bool = False
+    workers: int | None = None  # None: from the CPUs (`default_workers`), or a resumed checkpoint's
     shuffle_buffer: int = 2000
     seed: int = 0
     log_every: int = 10
@@ -73,14 +76,12 @@ class TrainConfig:
 
 def forward_loss(net: nn.Module, batch: dict[str, Tensor], cfg: ModelConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss = 1 x contrastive + 2 x caption (OpenVision 2: caption only), plus logged parts."""
-    images, captions = batch["images"], batch["captions"]
-    out = net(images, batch["texts"] if cfg.has_text_tower else None, captions)
-    targets = captions[:, 1:]
-    caption = caption_loss(out["caption_logits"], targets, cfg.pad_id)
+    out = net(normalize_images(batch["images"]), batch["captions"], texts=batch.get("texts"), keep=batch.get("keep"))
+    caption = caption_loss(out["caption_nll"], out["caption_tokens"])
     loss = CAPTION_WEIGHT * caption
-    parts = {"caption": caption, "token_acc": token_accuracy(out["caption_logits"], targets, cfg.pad_id)}
+    parts = {"caption": caption, "token_acc": out["caption_correct"] / out["caption_tokens"].clamp(min=1)}
     if cfg.has_text_tower:
-        views = list(out["text"].split(images.shape[0]))  # web caption, sub-caption
+        views = list(out["text"].split(batch["images"].shape[0]))  # web caption, sub-caption
         if cfg.loss == "softmax":
             contrastive = softmax_contrastive(out["image"], views, out["logit_scale"])
         else:
@@ -93,29 +94,28 @@ def forward_loss(net: nn.Module, batch: dict[str, Tensor], cfg: ModelConfig) -> 
 
 def prepare_tokenizer(cfg: TrainConfig, ctx: distributed.Context, state: dict | None,
                       init: dict | None) -> CaptionTokenizer:
-    """Resumed or initialising checkpoint's tokenizer, else --tokenizer, else train one on the captions."""
-    run_copy = Path(cfg.out) / "tokenizer"
+    """The resumed or initialising checkpoint's tokenizer, else --tokenizer (kept in RUN/tokenizer)."""
     if state is not None or init is not None:
         return CaptionTokenizer.from_files((state or init)["tokenizer"])
+    if not cfg.tokenizer:
+        raise ValueError("give --tokenizer DIR (a Hugging Face tokenizer folder, e.g. bert-base-uncased), or "
+                         "build one from the captions first: pipelines/train.py --build-tokenizer --data ... --out DIR")
+    tokenizer = CaptionTokenizer.load(cfg.tokenizer)
     if ctx.is_main:
-        if cfg.tokenizer:
-            CaptionTokenizer.load(cfg.tokenizer).save(run_copy)
-        elif not (run_copy / "tokenizer.json").exists():
-            texts = read_captions(expand_urls(cfg.data), cfg.tokenizer_samples)
-            CaptionTokenizer.train(texts).save(run_copy)
-    distributed.barrier()
-    return CaptionTokenizer.load(run_copy)
+        tokenizer.save(Path(cfg.out) / "tokenizer")
+    return tokenizer
 
 
 def save_checkpoint(cfg: TrainConfig, ctx: distributed.Context, model: nn.Module, optimizer, scheduler,
-                    step: int, positions: dict, model_cfg: ModelConfig, tokenizer: CaptionTokenizer) -> Path:
+                    step: int, positions: dict, workers: int, model_cfg: ModelConfig,
+                    tokenizer: CaptionTokenizer) -> Path:
     rngs = distributed.gather_objects(checkpoint.rng_state())
     data = distributed.gather_objects(dict(positions))
     path = checkpoint.step_path(cfg.out, step)
     if ctx.is_main:
         checkpoint.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "rng": rngs, "data": data, "world": ctx.world, "workers": cfg.workers,
+            "step": step, "rng": rngs, "data": data, "world": ctx.world, "workers": workers,
             "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
             "tokenizer": tokenizer.to_files(),
         }, path, keep=cfg.keep_checkpoints)
@@ -136,17 +136,19 @@ def train(cfg: TrainConfig) -> Path:
     resume_path = checkpoint.latest(run) if cfg.resume else None
     state = checkpoint.load(resume_path) if resume_path else None
     init = checkpoint.load(cfg.init_from) if cfg.init_from and state is None else None
-    if state is not None and (state["world"], state["workers"]) != (ctx.world, cfg.workers):
+    workers = cfg.workers if cfg.workers is not None else (
+        state["workers"] if state is not None else default_workers(ctx.local_world))
+    if state is not None and (state["world"], state["workers"]) != (ctx.world, workers):
         raise ValueError(f"resume needs the same processes x loader workers as {resume_path} "
-                         f"({state['world']} x {state['workers']})")
+                         f"({state['world']} x {state['workers']}), not {ctx.world} x {workers}")
     tokenizer = prepare_tokenizer(cfg, ctx, state, init)
 
     # Model, optimizer, schedule. Every rank builds the same initial weights from cfg.seed.
     torch.manual_seed(cfg.seed)
     model_cfg = model_config(cfg.model, depth=cfg.depth, objective=cfg.objective, loss=cfg.loss,
                              context_length=cfg.context_length, caption_length=cfg.caption_length,
-                             keep_ratio=cfg.keep_ratio, pad_id=tokenizer.pad_id,
-                             grad_checkpointing=cfg.grad_checkpointing)
+                             vocab_size=cfg.vocab_size, keep_ratio=cfg.keep_ratio, teacher_forcing=cfg.teacher_forcing,
+                             pad_id=tokenizer.pad_id, grad_checkpointing=cfg.grad_checkpointing)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the embedding tables {model_cfg.vocab_size}")
     model = build_model(model_cfg).to(ctx.device)
@@ -161,18 +163,21 @@ def train(cfg: TrainConfig) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         step, positions = state["step"], state["data"][ctx.rank]
         checkpoint.set_rng_state(state["rng"][ctx.rank])
-    else:
-        torch.manual_seed(cfg.seed + ctx.rank)  # ranks draw different token-keep masks from here on
-    net: nn.Module = torch.compile(model) if cfg.compile else model
+    net: nn.Module = model
     if ctx.world > 1:
         net = DistributedDataParallel(net, device_ids=[ctx.device] if cuda else None)
+    if cfg.compile:  # after the DDP wrap, so DDP's graph splitting can overlap gradient buckets with backward
+        net = torch.compile(net)
 
     # Data: this rank's slice of the shard stream, continued from where the checkpoint left it.
+    patches = (cfg.image_size // model_cfg.patch_size) ** 2
     stream = ShardStream(expand_urls(cfg.data), tokenizer, image_size=cfg.image_size,
                          batch_size=cfg.batch_size // ctx.world, context_length=cfg.context_length,
                          caption_length=cfg.caption_length, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                         rank=ctx.rank, world=ctx.world, start=positions, first_worker=step % max(1, cfg.workers))
-    batches = iter(make_loader(stream, cfg.workers, pin_memory=cuda))
+                         text_views=model_cfg.has_text_tower,
+                         keep=None if model_cfg.has_text_tower else (patches, model_cfg.kept_tokens(patches)),
+                         rank=ctx.rank, world=ctx.world, start=positions, first_worker=step % max(1, workers))
+    batches = iter(make_loader(stream, workers, pin_memory=cuda))
 
     logger = RunLogger(run, ctx.is_main, start_step=step)
     stop = min(cfg.total_steps, cfg.stop_at_step or cfg.total_steps)
@@ -204,7 +209,8 @@ def train(cfg: TrainConfig) -> Path:
             logger.log(step, values)
             window_start, window_steps = time.perf_counter(), 0
         if step % cfg.save_every == 0 or step == stop:
-            path = save_checkpoint(cfg, ctx, model, optimizer, scheduler, step, positions, model_cfg, tokenizer)
+            path = save_checkpoint(cfg, ctx, model, optimizer, scheduler, step, positions, workers, model_cfg,
+                                   tokenizer)
             logger.plot()
     logger.close()
     distributed.teardown(ctx)

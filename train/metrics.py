@@ -4,11 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
 
 
 class RunLogger:
@@ -44,7 +41,8 @@ class RunLogger:
         records = self.records() if self.enabled else []
         if not records:
             return
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         steps = [r["step"] for r in records]
         for key in ("loss", "contrastive", "caption"):
             if key in records[0]:
@@ -55,7 +53,6 @@ class RunLogger:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(self.png, dpi=100)
-        plt.close(fig)
 
     def close(self) -> None:
         if self.writer is not None:

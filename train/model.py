@@ -1,20 +1,28 @@
 """CLIPS / OpenVision models: one size table, one config, one factory.
 
-A model is named like "B/16": the size picks the towers from `SIZES` (RECIPE.md's table), the
-number is the patch size. `build_model(model_config("B/16"))` returns a `CLIPS` module:
+A model is named like "B/16": the size picks the towers from `SIZES`, the number is the patch
+size. `build_model(model_config("B/16"))` returns a `CLIPS` module. Both objectives follow the
+reference code (UCSC-VLAA/OpenVision, `src/models`):
 
-- vision tower: patch conv (no bias) + CLS + fixed 2-D sin-cos positions (zero row for CLS),
-  pre-norm blocks with exact GELU, no LayerNorm before the blocks, average of the patch tokens
-  -> LayerNorm -> linear (no bias);
-- text tower (objective "clips"): bidirectional, learnable positions, tanh GELU, pooled at the
-  last token (the appended [CLS]) -> LayerNorm -> linear (no bias);
-- caption decoder: a prefix (projected image patch tokens, plus the web caption's token states
-  for "clips") followed by one learnable query per caption position. Each query also carries
-  the embedding of the previous recaption token (teacher forcing), prefix attends within
-  itself, queries see the prefix and are causal among themselves.
+- vision tower (`vit.py`): patch conv (no bias) + CLS + fixed 2-D sin-cos positions (zero row
+  for CLS), pre-norm blocks with exact GELU, no LayerNorm before the blocks; pooled by averaging
+  the patch tokens -> LayerNorm -> linear (no bias). OpenVision 2 trains no pooled head, so it
+  is not built there.
+- "clips" (OpenVision 1, arXiv:2505.04601; CLIPS, arXiv:2411.16828), `two_towers.py` +
+  `text_decoder.py` with fusion "concat": a bidirectional text tower (learnable positions,
+  tanh GELU, pooled at the appended [CLS] -> LayerNorm -> linear without bias) for the
+  contrastive loss, and a caption decoder whose input is [image patch tokens; web-caption token
+  states; learnable queries]. Patch tokens are the last block's states without CLS, the caption
+  states are the text tower's last block before its final LayerNorm without the [CLS] position;
+  each goes through a bias-free linear. The prefix attends within itself, the queries see the
+  prefix and are causal among themselves, and the queries never see the recaption tokens they
+  predict (teacher forcing is an option, off by default, not the reference).
+- "openvision2" (arXiv:2509.01644), `openvision2_model.py` + `text_decoder_v2.py`: no text
+  tower; a random `keep_ratio` share of the patch tokens (bias-free linear) followed by the
+  embedded caption tokens, under one causal mask; no position embedding in the decoder.
 
-Objective "openvision2" drops the text tower and keeps a random ~30 % of the patch tokens as
-the decoder prefix. All LayerNorms use eps 1e-6.
+Decoders end in LayerNorm -> linear to the vocabulary without bias; that head is applied by
+`train.losses.vocab_nll` in fp32 and in chunks. All LayerNorms use eps 1e-6.
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from train.losses import vocab_nll
 
 LN_EPS = 1e-6
 
@@ -37,7 +47,8 @@ class Tower:
     heads: int
 
 
-# size -> (vision tower, text/decoder tower), RECIPE.md "Model sizes".
+# size -> (vision tower, text tower and caption decoder): `decode_variant` of the reference's
+# vit.py, text_transformer.py and text_decoder.py (after Table 2 of arXiv:2106.04560).
 SIZES: dict[str, tuple[Tower, Tower]] = {
     "Ti": (Tower(192, 12, 768, 3), Tower(192, 12, 768, 3)),
     "S": (Tower(384, 12, 1536, 6), Tower(384, 12, 1536, 6)),
@@ -59,10 +70,12 @@ class ModelConfig:
     loss: str = "softmax"
     vocab_size: int = 32000
     context_length: int = 80  # text encoder input, [CLS] included
-    caption_length: int = 128  # decoder queries = recaption target tokens
-    keep_ratio: float = 0.3  # openvision2: share of patch tokens given to the decoder
+    caption_length: int = 128  # decoder tokens: [BOS] recaption [EOS] [PAD]..; predicts the last 127
+    keep_ratio: float = 0.35  # openvision2: share of patch tokens the decoder sees (configs/openvision2.py)
+    teacher_forcing: bool = False  # clips: add the previous caption token to each query (not the reference)
     pad_id: int = 0
     grad_checkpointing: bool = False
+    head_chunk: int = 4096  # target tokens per chunk of the fp32 vocabulary head
 
     @property
     def embed_dim(self) -> int:
@@ -71,6 +84,10 @@ class ModelConfig:
     @property
     def has_text_tower(self) -> bool:
         return self.objective == "clips"
+
+    def kept_tokens(self, patches: int) -> int:
+        """Patch tokens the openvision2 decoder sees (the reference's int(N * keep_ratio))."""
+        return max(1, int(patches * self.keep_ratio))
 
 
 def config_from_dict(d: dict) -> ModelConfig:
@@ -112,11 +129,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """`mask`: bool, broadcastable to (B, heads, T, T), True where a query may attend."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out(y.transpose(1, 2).reshape(b, t, c))
 
 
@@ -133,8 +150,8 @@ class Block(nn.Module):
         self.mlp.add_module("act", nn.GELU(approximate=gelu))
         self.mlp.add_module("fc2", nn.Linear(tower.mlp, tower.width))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask, causal)
         return x + self.mlp(self.norm2(x))
 
 
@@ -144,42 +161,54 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(tower, gelu) for _ in range(tower.depth))
         self.grad_checkpointing = grad_checkpointing
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        for block in self.blocks:
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False, blocks: int | None = None) -> Tensor:
+        """Run the first `blocks` blocks (all by default)."""
+        for block in self.blocks[:blocks]:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, causal, use_reentrant=False)
             else:
-                x = block(x, mask)
+                x = block(x, mask, causal)
         return x
 
 
 class VisionTower(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """ViT. `tokens(images, layer)` is the API for other harnesses (e.g. an MLLM's visual features)."""
+
+    def __init__(self, cfg: ModelConfig, pooled_head: bool = True):
         super().__init__()
         w = cfg.vision.width
         self.patch_size = cfg.patch_size
         self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=False)
         self.cls = nn.Parameter(torch.zeros(w))
         self.transformer = Transformer(cfg.vision, "none", cfg.grad_checkpointing)
-        self.norm = nn.LayerNorm(w, eps=LN_EPS)
-        self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
+        self.norm = nn.LayerNorm(w, eps=LN_EPS) if pooled_head else None
+        self.proj = nn.Linear(w, cfg.embed_dim, bias=False) if pooled_head else None
 
     def positions(self, grid_h: int, grid_w: int) -> Tensor:
         """(1 + grid_h * grid_w, width) table for this resolution, zero row for CLS first."""
         table = sincos_2d(grid_h, grid_w, self.cls.numel())
         return torch.cat([table.new_zeros(1, table.shape[1]), table])
 
-    def tokens(self, images: Tensor) -> Tensor:
-        """Last-block states (B, 1 + patches, width), CLS first."""
+    def tokens(self, images: Tensor, layer: int = -1) -> Tensor:
+        """States (B, 1 + patches, width) after block `layer` (-1: the last, -2: the one before), CLS first.
+
+        Normalised images in (B, 3, H, W) with H, W multiples of the patch size; no final norm.
+        LLaVA-style harnesses take `tokens(images, layer=-2)[:, 1:]`.
+        """
+        depth = len(self.transformer.blocks)
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer {layer} outside a tower of {depth} blocks")
         x = self.patch_embed(images)
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         x = x + self.positions(grid_h, grid_w).to(x.device, x.dtype)
-        return self.transformer(x)
+        return self.transformer(x, blocks=layer % depth + 1)
 
     def pool(self, tokens: Tensor) -> Tensor:
-        return self.proj(self.norm(tokens[:, 1:].mean(dim=1)))
+        """Mean of the patch tokens (-> LayerNorm -> projection where the tower has a pooled head)."""
+        pooled = tokens[:, 1:].mean(dim=1)
+        return pooled if self.proj is None else self.proj(self.norm(pooled))
 
     def forward(self, images: Tensor) -> Tensor:
         return self.pool(self.tokens(images))
@@ -196,58 +225,102 @@ class TextTower(nn.Module):
         self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (features from the last token, normalised token states)."""
-        x = self.token_embed(ids) + self.positions[: ids.shape[1]]
-        states = self.norm(self.transformer(x))
-        return self.proj(states[:, -1]), states
+        """Returns (features from the last token, last-block states before the final LayerNorm)."""
+        states = self.transformer(self.token_embed(ids) + self.positions[: ids.shape[1]])
+        return self.proj(self.norm(states[:, -1])), states
 
 
-class CaptionDecoder(nn.Module):
-    """Prefix-conditioned decoder: outputs at the caption queries -> LayerNorm -> vocabulary."""
+class DecoderHead(nn.Module):
+    """Final LayerNorm and the bias-free vocabulary head, applied to the target positions only."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.text.width, eps=LN_EPS)
+        self.head = nn.Linear(cfg.text.width, cfg.vocab_size, bias=False)
+        self.pad_id, self.chunk = cfg.pad_id, cfg.head_chunk
+
+    def forward(self, hidden: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """hidden (B, L, w) predicting targets (B, L) -> summed NLL, correct and counted tokens."""
+        keep = targets != self.pad_id
+        nll, correct = vocab_nll(self.norm(hidden[keep]), self.head.weight, targets[keep], self.chunk)
+        return {"caption_nll": nll, "caption_correct": correct, "caption_tokens": keep.sum()}
+
+
+class QueryDecoder(nn.Module):
+    """OpenVision 1 caption decoder: [image patches; web-caption states] prefix, then learnable queries."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         w = cfg.text.width
-        self.token_embed = nn.Embedding(cfg.vocab_size, w)
+        self.image_proj = nn.Linear(cfg.vision.width, w, bias=False)
+        self.text_proj = nn.Linear(cfg.text.width, w, bias=False)
         self.queries = nn.Parameter(torch.zeros(cfg.caption_length, w))
+        self.token_embed = nn.Embedding(cfg.vocab_size, w) if cfg.teacher_forcing else None
         self.transformer = Transformer(cfg.text, "tanh", cfg.grad_checkpointing)
-        self.norm = nn.LayerNorm(w, eps=LN_EPS)
-        self.head = nn.Linear(w, cfg.vocab_size)
+        self.out = DecoderHead(cfg)
 
-    def forward(self, prefix: Tensor, prefix_valid: Tensor, previous: Tensor) -> Tensor:
-        """prefix (B, P, w), prefix_valid (B, P) bool, previous tokens (B, L) -> logits (B, L, vocab)."""
-        p, n = prefix.shape[1], previous.shape[1]
-        queries = self.queries[:n] + self.token_embed(previous)
-        x = torch.cat([prefix, queries], dim=1)
-        self_mask = torch.ones(p + n, p + n, dtype=torch.bool, device=x.device).tril()
-        self_mask[:, :p] = True  # every row sees the whole prefix ...
-        self_mask[:p, p:] = False  # ... and the prefix never sees the queries
-        key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(prefix.shape[0], n)], dim=1)
-        mask = self_mask[None, None] & key_valid[:, None, None, :]
-        return self.head(self.norm(self.transformer(x, mask)[:, p:]))
+    def forward(self, patches: Tensor, text_states: Tensor, captions: Tensor) -> dict[str, Tensor]:
+        """patches (B, P, vision width), text_states (B, T, text width), captions (B, L) -> loss sums.
+
+        Query i predicts caption token i + 1, so L - 1 queries run.
+        """
+        prefix = torch.cat([self.image_proj(patches), self.text_proj(text_states)], dim=1)
+        n = captions.shape[1] - 1
+        queries = self.queries[:n].expand(prefix.shape[0], -1, -1)
+        if self.token_embed is not None:
+            queries = queries + self.token_embed(captions[:, :-1])
+        p = prefix.shape[1]
+        mask = torch.ones(p + n, p + n, dtype=torch.bool, device=prefix.device).tril()
+        mask[:, :p] = True  # every position sees the whole prefix ...
+        mask[:p, p:] = False  # ... and the prefix never sees the queries
+        hidden = self.transformer(torch.cat([prefix, queries], dim=1), mask)[:, p:]
+        return self.out(hidden, captions[:, 1:])
+
+
+class CausalDecoder(nn.Module):
+    """OpenVision 2 caption decoder: one causal mask over [kept image patches; caption tokens]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w = cfg.text.width
+        self.image_proj = nn.Linear(cfg.vision.width, w, bias=False)
+        self.token_embed = nn.Embedding(cfg.vocab_size, w)
+        self.transformer = Transformer(cfg.text, "tanh", cfg.grad_checkpointing)
+        self.out = DecoderHead(cfg)
+
+    def forward(self, patches: Tensor, captions: Tensor) -> dict[str, Tensor]:
+        """patches (B, K, vision width), captions (B, L): input tokens 0..L-2 predict tokens 1..L-1."""
+        x = torch.cat([self.image_proj(patches), self.token_embed(captions[:, :-1])], dim=1)
+        hidden = self.transformer(x, causal=True)[:, patches.shape[1]:]
+        return self.out(hidden, captions[:, 1:])
+
+
+def random_keep(batch: int, patches: int, kept: int, device: torch.device | None = None) -> Tensor:
+    """(batch, kept) patch indices drawn without replacement, in random order (as jax.random.choice)."""
+    return torch.rand(batch, patches, device=device).argsort(dim=1)[:, :kept]
 
 
 class CLIPS(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTower(cfg)
-        self.image_prefix = nn.Sequential(nn.LayerNorm(cfg.vision.width, eps=LN_EPS),
-                                          nn.Linear(cfg.vision.width, cfg.text.width))
-        self.decoder = CaptionDecoder(cfg)
+        self.vision = VisionTower(cfg, pooled_head=cfg.has_text_tower)
         if cfg.has_text_tower:
             self.text = TextTower(cfg)
-            self.text_prefix = nn.Linear(cfg.text.width, cfg.text.width)
+            self.decoder: nn.Module = QueryDecoder(cfg)
             sigmoid = cfg.loss == "sigmoid"
             # SigLIP starts at scale 10 and bias -10; softmax InfoNCE at 1/0.07 with no bias.
             self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if sigmoid else 1 / 0.07)))
             self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if sigmoid else None
         else:
             self.text = None
+            self.decoder = CausalDecoder(cfg)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """big_vision-style: xavier linears, lecun patch conv, embeddings and positions at 1/sqrt(width)."""
+        """Towers big_vision-style (xavier linears, lecun patch conv, embeddings at 1/sqrt(width));
+        decoder inputs and head as the reference's text_decoder*.py (normal, std 1/sqrt(fan-in);
+        queries std 1; caption embedding std 0.02)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -260,7 +333,14 @@ class CLIPS(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.decoder.queries, std=self.cfg.text.width ** -0.5)
+        decoder = self.decoder
+        for proj in (decoder.image_proj, getattr(decoder, "text_proj", None), decoder.out.head):
+            if proj is not None:
+                nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+        if isinstance(decoder, QueryDecoder):
+            nn.init.normal_(decoder.queries, std=1.0)
+        else:
+            nn.init.normal_(decoder.token_embed.weight, std=0.02)
         if self.text is not None:
             nn.init.normal_(self.text.positions, std=self.cfg.text.width ** -0.5)
 
@@ -270,40 +350,29 @@ class CLIPS(nn.Module):
     def encode_text(self, ids: Tensor) -> Tensor:
         return self.text(ids)[0]
 
-    def keep_random_tokens(self, tokens: Tensor) -> Tensor:
-        """Keep a random `keep_ratio` share of each image's tokens (order preserved)."""
-        b, n, _ = tokens.shape
-        keep = max(1, round(n * self.cfg.keep_ratio))
-        idx = torch.rand(b, n, device=tokens.device).argsort(dim=1)[:, :keep].sort(dim=1).values
-        return tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+    def forward(self, images: Tensor, captions: Tensor, texts: Tensor | None = None,
+                keep: Tensor | None = None) -> dict[str, Tensor]:
+        """images (B,3,H,W) normalised; captions (B, L) decoder tokens; clips: texts (2B, T), web
+        captions then sub-captions; openvision2: keep (B, K) patch indices (random if not given).
 
-    def forward(self, images: Tensor, texts: Tensor | None, captions: Tensor) -> dict[str, Tensor]:
-        """images (B,3,H,W); texts (2B, T): web captions then sub-captions; captions (B, L+1).
-
-        Returns image/text features, caption logits (B, L, vocab) for captions[:, 1:], and the
-        logit scale/bias.
+        Returns the caption loss sums (`caption_nll`, `caption_correct`, `caption_tokens`) and for
+        clips the image/text features and the logit scale (and bias).
         """
-        tokens = self.vision.tokens(images)
-        patches = self.image_prefix(tokens[:, 1:])
-        out: dict[str, Tensor] = {}
+        patches = self.vision.tokens(images)
         if self.text is None:
-            prefix = self.keep_random_tokens(patches)
-            valid = all_valid(prefix)
-        else:
-            b = images.shape[0]
-            out["image"] = self.vision.pool(tokens)
-            out["text"], states = self.text(texts)
-            prefix = torch.cat([patches, self.text_prefix(states[:b])], dim=1)
-            valid = torch.cat([all_valid(patches), texts[:b] != self.cfg.pad_id], dim=1)
-            out["logit_scale"] = self.logit_scale
-            if self.logit_bias is not None:
-                out["logit_bias"] = self.logit_bias
-        out["caption_logits"] = self.decoder(prefix, valid, captions[:, :-1])
+            patch_tokens = patches[:, 1:]
+            if keep is None:
+                b, n = patch_tokens.shape[:2]
+                keep = random_keep(b, n, self.cfg.kept_tokens(n), images.device)
+            kept = patch_tokens.gather(1, keep[..., None].expand(-1, -1, patch_tokens.shape[-1]))
+            return self.decoder(kept, captions)
+        b = images.shape[0]
+        text_features, states = self.text(texts)
+        out = self.decoder(patches[:, 1:], states[:b, :-1], captions)
+        out.update(image=self.vision.pool(patches), text=text_features, logit_scale=self.logit_scale)
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
         return out
-
-
-def all_valid(tokens: Tensor) -> Tensor:
-    return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 
 def build_model(cfg: ModelConfig) -> CLIPS:

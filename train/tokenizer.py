@@ -1,4 +1,4 @@
-"""BERT-style uncased WordPiece with the CLIPS token layout (RECIPE.md).
+"""BERT-style uncased WordPiece with the CLIPS token layout (UCSC-VLAA/OpenVision `bert_ops.py`).
 
 Ids: pad 0, bos 1, eos 2, cls 101 (bert-base-uncased's [PAD], [unused0], [unused1], [CLS]).
 Text-encoder input: `[BOS] tokens [EOS]` truncated/padded to length-1 (the last token forced

@@ -13,6 +13,7 @@ no sample is dropped or trains on an empty mask.
 """
 from __future__ import annotations
 
+import io
 import json
 import random
 import tarfile
@@ -22,12 +23,11 @@ from itertools import count
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.data import buffer_shuffle, decode_image, expand_urls, text_field
+from train.data import buffer_shuffle, expand_urls, image_bytes, read_shards, text_field
 from train.mllm.conversation import IGNORE, IMAGE, ConversationError, Template, encode, fit
 from train.mllm.towers import ImagePrep
 
@@ -96,17 +96,29 @@ class WdsCaptions:
         random.Random(f"{seed}/shards/{epoch}").shuffle(shards)
         # Enough shards: each slot reads its own; otherwise every slot reads all and keeps its stride.
         mine, stride = (shards[slot::slots], 1) if len(shards) >= slots else (shards, slots)
-        raw = wds.tariterators.tarfile_samples(({"url": u} for u in mine), handler=wds.reraise_exception)
+        raw = read_shards(mine)
         picked = (s for i, s in enumerate(raw) if stride == 1 or i % stride == slot)
         for sample in buffer_shuffle(picked, self.shuffle_buffer, random.Random(f"{seed}/buffer/{epoch}/{slot}")):
             name = f"{sample.get('__url__')} key {sample.get('__key__')}"
-            image = decode_image(sample)
+            image = decode_rgb(image_bytes(sample))
             if image is None:
                 raise DataError(f"{name}: no image that decodes")
             caption = text_field(sample, f"{self.field}.txt").strip()
             if not caption:
                 raise DataError(f"{name}: empty {self.field}")
             yield name, [{"from": "human", "value": self.user}, {"from": "gpt", "value": caption}], image
+
+
+def decode_rgb(data: bytes | None) -> Image.Image | None:
+    """An image member decoded to RGB, or None when there is none or it does not decode."""
+    if data is None:
+        return None
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def count_local_samples(urls: list[str], suffix: str) -> int:

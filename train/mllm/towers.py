@@ -91,19 +91,13 @@ class OurTower(Tower):
         super().__init__(ImagePrep(size, IMAGENET_MEAN, IMAGENET_STD))
         self.vision = model.vision
         self.depth = blocks_to_run(layer, len(self.vision.transformer.blocks))
+        if self.depth == 0:
+            raise ValueError("our towers expose block outputs only (layer 0 is the embeddings)")
         if size % self.vision.patch_embed.stride[0]:
             raise ValueError(f"image size {size} is not a multiple of the patch size")
 
     def forward(self, images: Tensor) -> Tensor:
-        v = self.vision
-        x = v.patch_embed(images)
-        grid_h, grid_w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([v.cls.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
-        x = x + v.positions(grid_h, grid_w).to(x.device, x.dtype)
-        for block in v.transformer.blocks[: self.depth]:
-            x = block(x)
-        return x[:, 1:]
+        return self.vision.tokens(images, layer=self.depth - 1)[:, 1:]
 
 
 class OpenClipTower(Tower):

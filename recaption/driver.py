@@ -52,19 +52,23 @@ def say(text: str, error: bool = False) -> None:
     print(f"[recaption] {text}", file=sys.stderr if error else sys.stdout, flush=True)
 
 
+_local_ray: list[bool] = []   # this process started a local Ray instance (it lives until the process ends)
+
+
 def init_ray(verbose: bool) -> bool:
     """Attach to the cluster under `ray job submit` (RAY_ADDRESS), else start a local instance.
-    Returns True when this call started a local instance (no autoscaler can add GPUs to it)."""
+    Returns True when the instance is a local one this process started (no autoscaler can add GPUs)."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return bool(_local_ray)
     quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": False}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
         return False
     pythonpath = os.pathsep.join(p for p in [REPO_ROOT, os.environ.get("PYTHONPATH")] if p)
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **quiet)
+    _local_ray.append(True)
     return True
 
 

@@ -5,6 +5,7 @@ import os
 import uuid
 
 import pytest
+from s3proxy import S3Proxy
 from s3server import SeaweedS3
 
 from dataset import storage
@@ -35,6 +36,30 @@ def s3_bucket(s3_server, monkeypatch):
         monkeypatch.setenv(var, value)
     storage.reset_s3_client()
     yield f"s3://{name}"
+    storage.reset_s3_client()
+
+
+@pytest.fixture(scope="session")
+def lax_s3():
+    """A second SeaweedFS that also takes unsigned writes, behind a proxy that drops If-None-Match / If-Match:
+    storage that ignores conditional writes, as some S3-compatible gateways do."""
+    server = SeaweedS3(anonymous=True)
+    server.start()
+    with S3Proxy(server.endpoint, drop_headers=("If-None-Match", "If-Match"), anonymous=True) as proxy:
+        server.client().create_bucket(Bucket="lax")
+        proxy.server_env = server.env()
+        yield proxy
+    server.stop()
+
+
+@pytest.fixture
+def gateway_bucket(lax_s3, monkeypatch):
+    """`s3://lax` through that proxy, with the AWS environment (and storage's client) pointed at it."""
+    for var, value in lax_s3.server_env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", lax_s3.url)
+    storage.reset_s3_client()
+    yield "s3://lax"
     storage.reset_s3_client()
 
 

@@ -1,179 +1,205 @@
-"""The Ray recaption job through its real command line: local Ray, real engines, the tiny LLaVA."""
+"""The recaption job end to end: once through the users' command on vLLM with default flags, then its
+bookkeeping in-process on the null backend (the engine does not matter there), on one local Ray."""
 from __future__ import annotations
 
-import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import committed
 import pytest
 import webdataset as wds
 
-from dataset import outputs, storage
-from dataset.synthetic.input_shards import fix_images, write_shards
+from dataset import storage
+from dataset.outputs import Output, load_finished
+from dataset.reader import ReadLimits
+from dataset.synthetic.input_shards import cut_shard, fix_images, write_shards
+from pipelines import recaption as recaption_cli
+from recaption.driver import init_ray
 from recaption.worker import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-TINY_FLAGS = ["--max-tokens", "24", "--progress-every", "5"]   # engine flags left at their defaults
-
-
-def job_command(inp: str, out: str, model: str, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "pipelines" / "recaption.py"), "--input", inp, "--output", out,
-            "--model", model, *TINY_FLAGS, *extra]
-
-
-def run_job(inp: str, out: str, model: str, *extra: str, env: dict | None = None,
-            timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(job_command(inp, out, model, *extra), capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {})}, cwd=ROOT)
-    print(result.stdout[-3000:], result.stderr[-6000:])
-    return result
-
-
-def output_keys(out: str) -> list[str]:
-    """Every key over all output Parquet files, duplicates kept."""
-    keys = []
-    for path in storage.list_files(storage.join(out, outputs.PARQUET_DIR), ".parquet"):
-        keys += pq.read_table(io.BytesIO(storage.read_bytes(path))).column("key").to_pylist()
-    return keys
-
-
-def ledgers(out: str) -> dict[str, dict]:
-    return {storage.basename(p)[:-5]: json.loads(storage.read_bytes(p))
-            for p in storage.list_files(storage.join(out, outputs.LEDGER_DIR), ".json")}
+SMALL = ReadLimits(max_image_bytes=1 << 20)   # bad shards' oversized member at 1 MiB, not 32 MiB
+SMALL_FLAGS = ["--max-image-bytes", str(SMALL.max_image_bytes)]
+NULL_FLAGS = ["--backend", "null", "--num-workers", "1", "--progress-every", "5", *SMALL_FLAGS]
 
 
 def input_keys(infos: list[dict]) -> list[str]:
     return sorted(k for info in infos for k in info["keys"])
 
 
-def test_two_vllm_workers_caption_every_key_exactly_once_and_rerun_is_a_no_op(tmp_path, tiny_model):
-    infos = write_shards(tmp_path / "in", shards=4, per_shard=36, bad=True)
+def files_and_times(out: str) -> dict:
+    """Every data, ledger and claim file with its mtime: what a no-op rerun must leave alone."""
+    return {p: p.stat().st_mtime_ns for p in Path(out).rglob("*")
+            if p.is_file() and "_logs" not in p.parts and p.name != "_run.json" and not p.name.startswith(".")}
+
+
+def test_the_users_command_with_default_flags_on_vllm_then_a_rerun_is_a_no_op(tmp_path, tiny_model):
+    infos = write_shards(tmp_path / "in", shards=2, per_shard=10, bad=True, limits=SMALL)
     out = str(tmp_path / "out")
+    command = [sys.executable, "pipelines/recaption.py", "--input", str(tmp_path / "in"), "--output", out,
+               "--model", tiny_model, *SMALL_FLAGS]
 
-    first = run_job(str(tmp_path / "in"), out, tiny_model, "--num-workers", "2")
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
+    print(first.stdout[-3000:], first.stderr[-3000:])
     assert first.returncode == 0
-    assert sorted(output_keys(out)) == input_keys(infos)
-    done = ledgers(out)
-    assert sorted(done) == ["00000", "00001", "00002", "00003"]
-    assert "starting 2 workers" in first.stdout
+    assert sorted(committed.keys(out)) == input_keys(infos)  # every input key exactly once
     run = json.loads(Path(out, "_run.json").read_text())
-    assert run["shards"] == {"total": 4, "done": 4, "failed": []}
+    assert run["shards"]["done"] == 2 and run["shards"]["failed"] == []
     assert run["rows"]["ok"] + run["rows"]["error"] == len(input_keys(infos))
-    assert run["rows"]["error"] == 4 * 5
-    assert "images/s" in first.stdout and "ETA" in first.stdout
-    ok_keys = {k for k in output_keys(out)}
-    trained = {s["__key__"] for s in wds.WebDataset(f"{out}/wds/{{00000..00003}}.tar", shardshuffle=False)}
-    assert trained < ok_keys and len(trained) == run["rows"]["ok"]
+    assert run["caption_config"]["backend"] == "vllm" and run["caption_config"]["dtype"] == "float32"
+    assert "images/s" in first.stdout and "ETA" in first.stdout and "worker-hours" in first.stdout
+    console = first.stdout + first.stderr
+    assert "Traceback" not in console and "WARNING" not in console, "library noise goes to OUT/_logs"
+    assert (Path(out) / "_logs" / "driver.log").exists()
+    finished = load_finished(out)
+    samples = list(wds.WebDataset([finished.wds(shard) for shard in sorted(finished.by_shard)], shardshuffle=False))
+    assert len(samples) == run["rows"]["ok"] and all(s["re_caption.txt"] for s in samples)
 
-    mtimes = {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file() and p.name != "_run.json"}
-    started = time.time()
-    again = run_job(str(tmp_path / "in"), out, tiny_model, "--num-workers", "2")
+    before = files_and_times(out)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert again.returncode == 0 and "nothing pending" in again.stdout
-    assert time.time() - started < 60
-    assert mtimes == {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file() and p.name != "_run.json"}
+    assert files_and_times(out) == before
 
-    other = run_job(str(tmp_path / "in"), out, tiny_model, "--num-workers", "2", "--prompt", "Describe it.")
+    other = subprocess.run(command + ["--prompt", "Describe it."], capture_output=True, text=True, timeout=900,
+                           cwd=ROOT)
     assert other.returncode == 2 and "--new-version" in other.stderr
 
 
-def test_worker_killed_mid_shard_is_retried_elsewhere(tmp_path, tiny_model):
-    infos = write_shards(tmp_path / "in", shards=3, per_shard=10)
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+_ray_env: dict = {}
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray for the in-process runs, started again only when the storage environment changed (its
+    workers see the environment of the moment it started). List it after any fixture that sets that."""
+    import ray
+
+    env = {name: os.environ.get(name) for name in STORAGE_ENV}
+    if ray.is_initialized() and env != _ray_env:
+        ray.shutdown()
+    if not ray.is_initialized():
+        init_ray(verbose=False)
+        _ray_env.update(env)
+    yield
+
+
+def run_job(inp: str, out: str, model: str, *extra: str) -> int:
+    return recaption_cli.main(["--input", inp, "--output", out, "--model", model, *NULL_FLAGS, *extra])
+
+
+def test_new_version_writes_beside_the_old_one_and_keeps_it_readable(tmp_path, tiny_model, local_ray, capsys):
+    infos = write_shards(tmp_path / "in", shards=2, per_shard=6)
     out = str(tmp_path / "out")
-    marker = tmp_path / "died"
+    assert run_job(str(tmp_path / "in"), out, tiny_model) == 0
+    old = Output.open(out)
+    old_files = files_and_times(out)
 
-    result = run_job(str(tmp_path / "in"), out, tiny_model, "--backend", "transformers", "--num-workers", "2",
-                     env={FAULT_ENV: f"exit:0:{marker}"})   # the process vanishes, as under kill -9
+    assert run_job(str(tmp_path / "in"), out, tiny_model, "--prompt", "Describe it.") == 2
+    assert run_job(str(tmp_path / "in"), out, tiny_model, "--prompt", "Describe it.", "--new-version") == 0
 
-    assert marker.exists(), "the fault hook should have fired"
-    assert result.returncode == 0
-    assert sorted(output_keys(out)) == input_keys(infos)
-    attempts = sorted(ledger["attempt"] for ledger in ledgers(out).values())
-    assert set(attempts) <= {1, 2} and 2 in attempts, "the dead worker's shards in flight ran again, once"
-    assert "re-queued" in result.stderr
+    new = Output.open(out)
+    assert new.fingerprint != old.fingerprint and new.base == storage.join(out, "versions", new.fingerprint)
+    old_files.pop(Path(out, "_job.json"))   # it records the new version; nothing else of the old one changes
+    assert {p: t for p, t in files_and_times(out).items() if p in old_files} == old_files, "old version untouched"
+    for fingerprint, base in ((old.fingerprint, old.base), (new.fingerprint, new.base)):
+        assert sorted(committed.keys(base)) == input_keys(infos)
+        assert load_finished(out, fingerprint).fingerprint == fingerprint
+    assert {r["fingerprint"] for r in committed.rows(new.base, "00000")} == {new.fingerprint}
 
 
-def test_driver_killed_after_first_ledger_then_rerun_completes(tmp_path, tiny_model):
-    shards = 12   # one engine batch each (--window 16): the kill lands well before the last commit
-    infos = write_shards(tmp_path / "in", shards=shards, per_shard=16)
+def test_retry_errors_recaptions_only_error_rows_as_a_new_generation(tmp_path, tiny_model, local_ray):
+    info = write_shards(tmp_path / "in", shards=1, per_shard=8, bad=True, limits=SMALL)[0]
     out = str(tmp_path / "out")
-    cmd = job_command(str(tmp_path / "in"), out, tiny_model, "--backend", "transformers", "--num-workers", "1",
-                      "--window", "16", "--claim-ttl", "4")
-    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    ledger_dir = Path(out, outputs.LEDGER_DIR)
-    deadline = time.time() + 600
-    while not (ledger_dir.exists() and any(ledger_dir.glob("*.json"))) and time.time() < deadline:
-        assert driver.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.05)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    time.sleep(1)
-    os.killpg(driver.pid, signal.SIGKILL)  # and whatever Ray left of that session, like a lost node
-    first = {p.name: p.stat().st_mtime_ns for p in ledger_dir.glob("*.json")}
-    assert 1 <= len(first) < shards
-
-    rerun = run_job(str(tmp_path / "in"), out, tiny_model, "--backend", "transformers", "--num-workers", "1",
-                    "--claim-ttl", "4")
-
-    assert rerun.returncode == 0
-    assert f"{len(first)} done, {shards - len(first)} pending" in rerun.stdout
-    assert sorted(output_keys(out)) == input_keys(infos)
-    assert {name: (ledger_dir / name).stat().st_mtime_ns for name in first} == first
-
-
-def test_retry_errors_recaptions_only_error_rows(tmp_path, tiny_model):
-    info = write_shards(tmp_path / "in", shards=1, per_shard=8, bad=True)[0]
-    out = str(tmp_path / "out")
-    flags = ["--backend", "transformers", "--num-workers", "1"]
-    assert run_job(str(tmp_path / "in"), out, tiny_model, *flags).returncode == 0
-    before = {r["key"]: r for r in pq.read_table(f"{out}/parquet/00000.parquet").to_pylist()}
+    assert run_job(str(tmp_path / "in"), out, tiny_model) == 0
+    before = {r["key"]: r for r in committed.rows(out, "00000")}
     fixable = {k for k, kind in info["injected"].items() if kind in ("corrupt_jpeg", "truncated_jpeg")}
     fix_images(tmp_path / "in" / "00000.tar", fixable)
 
-    result = run_job(str(tmp_path / "in"), out, tiny_model, *flags, "--retry-errors")
+    assert run_job(str(tmp_path / "in"), out, tiny_model, "--retry-errors") == 0
 
-    assert result.returncode == 0
-    after = {r["key"]: r for r in pq.read_table(f"{out}/parquet/00000.parquet").to_pylist()}
-    assert sorted(after) == sorted(before)
+    after = {r["key"]: r for r in committed.rows(out, "00000")}
+    assert list(after) == list(before)
     for key, row in after.items():
         if key in fixable:
             assert before[key]["status"] == "error" and row["status"] == "ok"
         else:
             assert row == before[key]
-    ledger = ledgers(out)["00000"]
-    assert ledger["error"] == before_errors(before) - len(fixable)
-    trained = {s["__key__"] for s in wds.WebDataset(f"{out}/wds/00000.tar", shardshuffle=False)}
+    store = committed.store(out)
+    assert store.done() == {"00000": 1}
+    assert store.read_ledger("00000")["error"] == sum(r["status"] == "error" for r in before.values()) - len(fixable)
+    trained = {s["__key__"] for s in wds.WebDataset(committed.files(out, "00000")["wds"], shardshuffle=False)}
     assert trained == {k for k, r in after.items() if r["status"] == "ok"}
+    assert [storage.join(out, rel) for rel in store.data_files("00000")["00000"]] == sorted(
+        committed.files(out, "00000").values()), "the end-of-run sweep removed the replaced generation's files"
 
 
-def before_errors(rows: dict) -> int:
-    return sum(r["status"] == "error" for r in rows.values())
+def test_a_worker_that_vanishes_mid_shard_is_replaced_and_its_shards_rerun_once(tmp_path, tiny_model, local_ray,
+                                                                              monkeypatch, capsys):
+    infos = write_shards(tmp_path / "in", shards=3, per_shard=10)
+    out = str(tmp_path / "out")
+    marker = tmp_path / "died"
+    monkeypatch.setenv(FAULT_ENV, f"exit:0:{marker}")   # the process ends abruptly, as under kill -9
+
+    assert run_job(str(tmp_path / "in"), out, tiny_model, "--engine-kwargs", '{"step_seconds": 0.02}',
+                   "--max-num-seqs", "4") == 0
+
+    assert marker.exists(), "the fault hook fired"
+    assert sorted(committed.keys(out)) == input_keys(infos)
+    attempts = {shard: committed.store(out).read_ledger(shard)["attempt"] for shard in ("00000", "00001", "00002")}
+    assert set(attempts.values()) <= {1, 2} and 2 in attempts.values()
+    assert "re-queued" in capsys.readouterr().err
 
 
-def test_s3_in_and_out_with_two_racing_drivers(tmp_path, tiny_model, s3_bucket):
-    infos = write_shards(tmp_path / "in", shards=4, per_shard=10)
-    for tar in sorted((tmp_path / "in").glob("*.tar")):
-        storage.write_bytes(f"{s3_bucket}/shards/{tar.name}", tar.read_bytes())
+def test_a_shard_cut_short_or_unready_is_never_committed_and_a_rerun_completes(tmp_path, tiny_model, local_ray,
+                                                                               capsys):
+    infos = write_shards(tmp_path / "in", shards=3, per_shard=10)
+    out = str(tmp_path / "out")
+    full = (tmp_path / "in" / "00001.tar").read_bytes()
+    cut_shard(tmp_path / "in" / "00001.tar", int(len(full) * 0.6))   # a download still running
+    stats = tmp_path / "in" / "00002_stats.json"
+    stats_text = stats.read_text()
+    stats.unlink()                                                   # img2dataset has not finished 00002
+
+    assert run_job(str(tmp_path / "in"), out, tiny_model, "--max-attempts", "2") == 1
+
+    printed = capsys.readouterr()
+    assert "shard 00001 failed after 2 attempts" in printed.err and "00001.tar" in printed.err
+    assert "00002" in printed.err and "_stats.json" in printed.err
+    assert committed.store(out).done() == {"00000": 0}, "neither the cut nor the unready shard is committed"
+    assert sorted(committed.keys(out)) == sorted(infos[0]["keys"])
+
+    (tmp_path / "in" / "00001.tar").write_bytes(full)
+    stats.write_text(stats_text)
+    assert run_job(str(tmp_path / "in"), out, tiny_model) == 0
+    assert sorted(committed.keys(out)) == input_keys(infos)
+
+
+def test_s3_in_and_out(tmp_path, tiny_model, s3_bucket, local_ray):
+    infos = write_shards(tmp_path / "in", shards=2, per_shard=6)
+    for path in sorted((tmp_path / "in").iterdir()):
+        storage.write_bytes(f"{s3_bucket}/shards/{path.name}", path.read_bytes())
     out = f"{s3_bucket}/recap"
-    cmd = job_command(f"{s3_bucket}/shards/{{00000..00003}}.tar", out, tiny_model, "--backend", "transformers",
-                      "--num-workers", "1")
-    drivers = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
-    results = [d.communicate(timeout=900) for d in drivers]
-    for d, (stdout, stderr) in zip(drivers, results):
-        print(stdout[-2000:], stderr[-4000:])
-        assert d.returncode == 0
 
-    assert sorted(output_keys(out)) == input_keys(infos)
-    assert sorted(ledgers(out)) == ["00000", "00001", "00002", "00003"]
-    assert not any("another driver wrote it first" in stdout for stdout, _ in results)
-    ok_rows = [int(stdout.split("done: ")[1].split(" ok rows")[0]) for stdout, _ in results if "done: " in stdout]
-    assert sum(ok_rows) == len(input_keys(infos)), "each shard captioned by exactly one driver"
+    assert run_job(f"{s3_bucket}/shards/{{00000..00001}}.tar", out, tiny_model) == 0
+
+    assert sorted(committed.keys(out)) == input_keys(infos)
+    assert run_job(f"{s3_bucket}/shards/", out, tiny_model) == 0   # a prefix: nothing pending
+    assert storage.exists(f"{out}/_logs/driver.log"), "a remote output gets the logs too"
+
+
+def test_storage_that_ignores_conditional_writes_is_refused(tmp_path, tiny_model, gateway_bucket, local_ray, capsys):
+    write_shards(tmp_path / "in", shards=1, per_shard=4)
+    out = f"{gateway_bucket}/recap"
+
+    assert run_job(str(tmp_path / "in"), out, tiny_model) == 2
+    printed = capsys.readouterr().err
+    assert "--single-writer" in printed and os.environ["AWS_ENDPOINT_URL"] in printed
+    assert not storage.exists(f"{out}/_job.json")
+
+    assert run_job(str(tmp_path / "in"), out, tiny_model, "--single-writer") == 0

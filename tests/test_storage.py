@@ -8,7 +8,6 @@ import time
 
 import pytest
 from s3proxy import S3Proxy
-from s3server import SeaweedS3
 
 from dataset import storage
 
@@ -342,25 +341,14 @@ def test_transient_errors_are_retried_and_a_lost_answer_is_recognised(via_proxy,
         storage.list_files(f"{bucket}/_ledger")
 
 
-@pytest.fixture(scope="module")
-def lax_server():
-    """A second SeaweedFS that also takes unsigned writes, behind a proxy that drops If-None-Match / If-Match."""
-    server = SeaweedS3(anonymous=True)
-    server.start()
-    with S3Proxy(server.endpoint, drop_headers=("If-None-Match", "If-Match"), anonymous=True) as proxy:
-        server.client().create_bucket(Bucket="lax")
-        yield proxy
-    server.stop()
-
-
-def test_probe_refuses_storage_that_ignores_conditions(lax_server, s3_bucket, monkeypatch, tmp_path):
+def test_probe_refuses_storage_that_ignores_conditions(lax_s3, s3_bucket, monkeypatch, tmp_path):
     assert storage.probe_conditional_writes(str(tmp_path / "out")) is None
     assert storage.probe_conditional_writes(f"{s3_bucket}/out") is None
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", lax_server.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", lax_s3.url)
     storage.reset_s3_client()
     path = "s3://lax/out/_ledger/00000.json"
     assert storage.put_if_absent(path, b"first") and storage.put_if_absent(path, b"second")  # last writer wins
     reason = storage.probe_conditional_writes("s3://lax/out")
-    assert reason and "ignores If-None-Match" in reason and lax_server.url in reason
+    assert reason and "ignores If-None-Match" in reason and lax_s3.url in reason
     assert storage.list_files("s3://lax/out/_probe") == []   # the probe cleans up after itself

@@ -16,7 +16,7 @@ import _bootstrap  # noqa: F401  (first: the repository's packages, not pipeline
 import argparse
 import sys
 
-from scoring.stage import ScoreConfig, run_sequential
+from scoring.stage import ScoreConfig, run_stage
 
 
 def parse_args(argv: list[str] | None = None) -> ScoreConfig:
@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> ScoreConfig:
     p.add_argument("--fingerprint", default=ScoreConfig.fingerprint,
                    help="score this output version (default: the current one)")
     p.add_argument("--num-workers", type=int, default=ScoreConfig.num_workers,
-                   help="scoring actors (default: cluster GPUs, 1 on CPU)")
+                   help="scoring actors, one GPU each on a cluster (default: cluster GPUs, 1 on CPU)")
     p.add_argument("--batch-size", type=int, default=ScoreConfig.batch_size, help="images per forward pass")
     p.add_argument("--device", default=ScoreConfig.device, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--claim-ttl", type=float, default=ScoreConfig.claim_ttl,
@@ -40,21 +40,22 @@ def parse_args(argv: list[str] | None = None) -> ScoreConfig:
                        num_workers=a.num_workers, batch_size=a.batch_size, device=a.device, claim_ttl=a.claim_ttl)
 
 
-def run_stage(config: ScoreConfig) -> int:
-    """Run the score stage; the exit code. For now every shard in this process, one after another:
-    this is the one call to replace with the shared scheduler (claims, actor pool, retries) that
-    drives `scoring.stage.ScoreWorker` across `--num-workers` actors."""
-    if config.num_workers not in (None, 1):
-        print(f"[score] --num-workers {config.num_workers}: this version scores in one process", flush=True)
-    summary = run_sequential(config, log=lambda line: print(line, flush=True))
-    print(f"[score] done: {summary['committed']} shards committed, {summary['lost']} lost to another run, "
-          f"{len(summary['skipped'])} held by another run (rerun to score them), {len(summary['failed'])} failed"
-          + "".join(f"\n  failed {shard}: {error}" for shard, error in summary["failed"].items()))
-    return 0 if not (summary["skipped"] or summary["abandoned"] or summary["failed"]) else 1
+def run(config: ScoreConfig) -> int:
+    """Run the stage; the exit code (0: every pending shard scored, 1: some failed, 143/130: stopped)."""
+    summary = run_stage(config)
+    if summary["stopped"]:
+        print(f"[score] stopped by {summary['stopped']}: {summary['committed']} shards committed; rerun to "
+              "score the rest", file=sys.stderr, flush=True)
+        return {"SIGTERM": 143, "SIGINT": 130}[summary["stopped"]]
+    for shard, errors in summary["failed"].items():
+        print(f"[score] failed {shard}: {errors[-1]}", file=sys.stderr, flush=True)
+    print(f"[score] done: {summary['committed']} of {summary['shards']} shards scored, "
+          f"{len(summary['failed'])} failed", flush=True)
+    return 1 if summary["failed"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(parse_args(argv))
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

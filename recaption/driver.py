@@ -24,7 +24,7 @@ from recaption.planning import Plan, plan
 from recaption.pool import ClusterView, Pool, PoolConfig, PoolExhausted, size_workers
 from recaption.progress import Progress
 from recaption.quiet import LogFile, quiet_environment
-from recaption.scheduler import Scheduler, SchedulerConfig
+from recaption.scheduler import Scheduler, SchedulerConfig, run_to_the_end
 from recaption.worker import CaptionWorker
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
@@ -213,48 +213,38 @@ def run_logged(cfg: RunConfig, log: LogFile) -> int:
 
 def caption(cfg: RunConfig, output: Output, work: Plan, log: LogFile, started: float) -> int:
     """Start the pool and schedule every pending shard; a stop signal ends the run cleanly."""
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    claims = Claims(output.base, holder, cfg.schedule.claim_ttl)
+    claims = Claims(output.base, holder_id(), cfg.schedule.claim_ttl)
     progress = Progress("recaption", len(work.tasks), work.inputs, cfg.progress_every)
     pool, _ = start_pool(cfg, len(work.tasks), output.base, log)
     scheduler = Scheduler("recaption", work.tasks, output.store, claims, pool, progress, cfg.schedule)
-    stopped: list[str] = []
-
-    def stop(signum, _frame) -> None:
-        stopped.append(signal.Signals(signum).name)
-        scheduler.stop.set()
-
-    previous = {sig: signal.signal(sig, stop) for sig in EXIT_STOPPED}
     printer = ProgressPrinter(progress, pool, cfg.gpu_hour_price)
     scheduler.on_tick = printer
+    stopped = None
     try:
-        scheduler.run()
+        stopped = run_to_the_end(scheduler)
     except PoolExhausted as e:
         say(f"error: {e}", error=True)
         for task in list(scheduler.pending) + [run.task for run in scheduler.running.values()]:
             scheduler.failed.setdefault(task.shard, scheduler.errors.get(task.shard, []) + [str(e)])
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         printer(force=True)
-        pool.close()
-        claims.stop()
-        summary = write_run_summary(cfg, output, progress, scheduler, pool, started,
-                                    stopped[0] if stopped else None)
-        swept = output.store.sweep(set())
+        summary = write_run_summary(cfg, output, progress, scheduler, pool, started, stopped)
         log.sync()
-    if swept:
-        say(f"removed {len(swept)} files of attempts that did not commit")
     if stopped:
-        say(f"stopped by {stopped[0]}: {progress.done} shards committed, {len(scheduler.running)} in flight "
+        say(f"stopped by {stopped}: {progress.done} shards committed, {len(scheduler.running)} in flight "
             f"left for the next run, claims released; {output.run_path}", error=True)
-        return EXIT_STOPPED[signal.Signals[stopped[0]]]
+        return EXIT_STOPPED[signal.Signals[stopped]]
     if work.not_ready or scheduler.failed:
         if scheduler.failed:
             say(f"{len(scheduler.failed)} shards failed: {', '.join(sorted(scheduler.failed))}", error=True)
         return 1
     say(f"done: {summary['rows']['ok']} ok rows, {summary['rows']['error']} error rows -> {output.base}")
     return 0
+
+
+def holder_id() -> str:
+    """Who holds a claim: this driver process, uniquely."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class ProgressPrinter:

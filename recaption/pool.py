@@ -196,9 +196,8 @@ class Pool:
             self._died(slot, f"failed to start: {one_line(e)}")
             return
         slot.ready, slot.info = True, info
-        where = f"; log {info['log']}" if info["log"] else ""
-        print(f"[{self.name}] worker {slot.index} ready on {info['worker']} (window {info['window']}, "
-              f"{info['decode_threads']} decode threads){where}", flush=True)
+        where = f"; log {slot.log}" if slot.log else ""
+        print(f"[{self.name}] worker {slot.index} ready on {info['worker']} ({info['summary']}){where}", flush=True)
 
     def _answered(self, ref, slot: Slot) -> Event:
         task = slot.calls.pop(ref)

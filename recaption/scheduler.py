@@ -19,6 +19,7 @@ claims, so in-flight shards are left without a ledger for the next run.
 from __future__ import annotations
 
 import queue
+import signal
 import statistics
 import sys
 import threading
@@ -233,3 +234,30 @@ class Scheduler:
             median = slow_after / self.config.speculate_after
             self.say(f"shard {shard}: running {now - run.started:.0f} s (median {median:.0f} s); a second attempt "
                      "started on an idle worker")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run_to_the_end(scheduler: Scheduler) -> str | None:
+    """Run the scheduler with SIGTERM/SIGINT ending it cleanly, then close its pool, release its claims and
+    sweep the files of attempts that did not commit. Returns the stopping signal's name, or None."""
+    stopped: list[str] = []
+
+    def stop(signum, _frame) -> None:
+        stopped.append(signal.Signals(signum).name)
+        scheduler.stop.set()
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        scheduler.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        scheduler.pool.close()
+        scheduler.claims.stop()
+        swept = scheduler.store.sweep(set())
+        if swept:
+            scheduler.say(f"removed {len(swept)} files of attempts that did not commit")
+    return stopped[0] if stopped else None
+

@@ -203,7 +203,7 @@ class CaptionWorker:
         """The engine is up: where this worker runs and what it runs."""
         return {"worker": self.name, "gpus": gpu_ids(), "engine": asdict(self.job.engine), "window": self.window,
                 "concurrency": self.engine.concurrency, "decode_threads": self.job.decode_threads,
-                "log": self.log.shown if self.log else None}
+                "summary": f"window {self.window}, {self.job.decode_threads} decode threads"}
 
     def caption(self, task: ShardTask) -> dict:
         """Caption one shard; returns {'shard', 'outcome': 'committed'|'lost'|'abandoned', 'ledger', 'engine'}.

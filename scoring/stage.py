@@ -7,19 +7,17 @@ file under a name no other attempt uses, then creates the shard's score ledger e
 live under the stage's own folder. Images come from the shard's committed `wds/` tar, or from its
 input tar when the run wrote no WDS (`--no-wds`).
 
-Three ways to drive it: `score_shard` (one shard, the unit of work), `ScoreWorker` (a Ray actor with the
-caption worker's shape: ready / process / status / abandon, for the shared scheduler), and
-`run_sequential` (claims, every pending shard in this process, then the end-of-run sweep).
+Driven as the caption stage is: `score_shard` is the unit of work, `ScoreWorker` the Ray actor running it
+(ready / process / status / abandon), and `run_stage` schedules every pending shard on a pool of them
+with the recaption job's scheduler (claims, retries, deadlines, a clean stop, the end-of-run sweep).
 """
 from __future__ import annotations
 
 import os
 import socket
-import tarfile
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -224,8 +222,12 @@ class ScoreWorker:
     """
 
     def __init__(self, out: str, fingerprint: str, spec: ClipModelSpec, batch_size: int = 256,
-                 device: str | None = None):
+                 device: str | None = None, *, log_file: str | None = None):
+        from recaption.quiet import LogFile
         from scoring.clip import ClipScorer
+
+        if log_file:  # library output of this process goes to OUT/_logs/, as the caption workers' does
+            LogFile(out, log_file).capture_process()
 
         self.output = Output.open(out, fingerprint)
         self.spec, self.batch_size = spec, batch_size
@@ -239,8 +241,10 @@ class ScoreWorker:
 
     def ready(self) -> dict:
         """The model is loaded: where, and which."""
-        return {"host": socket.gethostname(), "pid": os.getpid(), "model": self.identity,
-                "device": self.scorer.scorer.device, "context_length": self.scorer.scorer.context_length}
+        device = self.scorer.scorer.device
+        return {"worker": worker_name(), "model": self.identity, "device": device,
+                "context_length": self.scorer.scorer.context_length,
+                "summary": f"{self.spec.describe()} on {device}, batch {self.batch_size}"}
 
     def process(self, task: ScoreTask) -> dict:
         """Score and commit one shard; the outcome dict of `score_shard` (raises when the attempt failed)."""
@@ -280,44 +284,58 @@ class _LockedScorer:
             return self.scorer.scores(images, captions)
 
 
-def run_sequential(config: ScoreConfig, log: Callable[[str], None] = print) -> dict:
-    """Score every pending shard in this process, under claims, then sweep dead attempts' files.
+def run_stage(config: ScoreConfig, *, progress_every: float = 30.0, verbose: bool = False) -> dict:
+    """Score every pending shard on a pool of `ScoreWorker` actors under the recaption job's scheduler
+    (claims, retries, deadlines, a clean stop); the sweep of dead attempts' files comes last.
 
-    Returns {"shards", "committed", "lost", "abandoned", "skipped", "failed"}: skipped are shards another
-    run holds; failed maps shards whose attempt raised to the error (the others are still scored).
+    Returns {"shards", "committed", "failed": {shard: errors}, "stopped": signal name or None}.
     """
+    from recaption.driver import holder_id, init_ray
+    from recaption.pool import ClusterView, Pool, PoolConfig, size_workers
+    from recaption.progress import Progress
+    from recaption.quiet import LogFile
+    from recaption.scheduler import Scheduler, SchedulerConfig, run_to_the_end
+
     output = Output.open(config.input, config.fingerprint)
     store = score_store(output)
     todo = pending(output)
-    log(f"[score] {len(output.store.done())} committed shards in {output.base}, {len(todo)} to score "
-        f"with {config.spec.describe()}")
-    summary = {"shards": len(todo), "committed": 0, "lost": 0, "abandoned": 0, "skipped": [], "failed": {}}
+    say(f"{len(output.store.done())} committed shards in {output.base}, {len(todo)} to score with "
+        f"{config.spec.describe()}")
+    summary = {"shards": len(todo), "committed": 0, "failed": {}, "stopped": None}
     if not todo:
         return summary
-    worker = ScoreWorker(config.input, output.fingerprint, config.spec, config.batch_size, config.device)
-    held = claims.Claims(store.base, f"score-{worker_name()}-{uuid.uuid4().hex[:8]}", config.claim_ttl)
-    held.start_renewing(on_lost=lambda shard: log(f"[score] claim on {shard} was taken over"))
+    register_scorer(store, config.spec.identity())   # another model's scores: refused here, before any actor
+    import ray
+
+    log = LogFile(config.input, "score-driver.log")
+    if not verbose:
+        log.capture_libraries()
     try:
-        for i, (shard, generation) in enumerate(todo.items(), 1):
-            token = held.acquire(shard)
-            if token is None:
-                summary["skipped"].append(shard)
-                log(f"[score] {shard}: held by another run, skipped")
-                continue
-            store.clean_leftovers(shard)
-            try:
-                outcome = worker.process(ScoreTask(shard, claim_token=token, generation=generation))
-            except (OSError, ValueError, tarfile.TarError) as e:   # storage, read, data: the shard failed, not the run
-                summary["failed"][shard] = f"{type(e).__name__}: {e}"
-                log(f"[score] {shard} ({i}/{len(todo)}): FAILED {type(e).__name__}: {e}")
-                continue
-            finally:
-                held.release(shard)
-            summary[outcome["outcome"]] += 1
-            ledger = outcome["ledger"] or {}
-            log(f"[score] {shard} ({i}/{len(todo)}): {outcome['outcome']}, {ledger.get('scored', 0)} scored, "
-                f"{ledger.get('error', 0)} errors, {ledger.get('rows_per_s', 0):.1f} rows/s")
+        started_here = init_ray(verbose)
+        view = ClusterView(gpus=ray.cluster_resources().get("GPU", 0), started_here=started_here)
+        workers = PoolConfig(num_workers=config.num_workers, tasks_per_worker=2)
+        sizing = size_workers(view, workers, tensor_parallel_size=1, pending_shards=len(todo))
+        say(f"starting {sizing.line()}")
+        pool = Pool(ScoreWorker, (config.input, output.fingerprint, config.spec, config.batch_size, config.device),
+                    config.input, sizing, workers, method="process", name="score", verbose=verbose)
+        pool.start()
+        tasks = [ScoreTask(shard, generation=generation) for shard, generation in todo.items()]
+        progress = Progress("score", len(tasks), len(tasks), progress_every)
+        scheduler = Scheduler("score", tasks, store, claims.Claims(store.base, holder_id(), config.claim_ttl), pool,
+                              progress, SchedulerConfig(claim_ttl=config.claim_ttl))
+
+        def tick() -> None:
+            if progress.should_print():
+                say(f"shards {progress.done}/{progress.total} scored, {progress.failed} failed")
+
+        scheduler.on_tick = tick
+        summary["stopped"] = run_to_the_end(scheduler)
     finally:
-        held.stop()
-    store.sweep(skip=set())
+        log.sync()
+        log.close()
+    summary.update(committed=progress.done, failed=scheduler.failed)
     return summary
+
+
+def say(text: str) -> None:
+    print(f"[score] {text}", flush=True)

@@ -27,7 +27,7 @@ from dataset.wds import takes_recaption
 from pipelines import publish as publish_cli
 from scoring.clip import ClipModelSpec
 from scoring.scores import ScoresIncomplete
-from scoring.stage import ScoreConfig, ScoreTask, ScoreWorker, run_sequential
+from scoring.stage import ScoreConfig, ScoreTask, ScoreWorker, run_stage
 from scoring.tiny import build_tiny_clip
 
 SHARDS, PER_SHARD, ERRORS = 3, 400, 4
@@ -293,7 +293,7 @@ class Cells(HTMLParser):
 def test_real_run_scored_published_with_nine_columns_and_an_inert_card(tmp_path_factory, tiny_model, clip_dir,
                                                                         tmp_path):
     src = str(real_run(tmp_path_factory.mktemp("real-run"), tiny_model))
-    assert run_sequential(ScoreConfig(src, f"local-dir:{clip_dir}", batch_size=4))["failed"] == {}
+    assert run_stage(ScoreConfig(src, f"local-dir:{clip_dir}", batch_size=4))["failed"] == {}
     dest = tmp_path / "published"
     publish_cli.main(["--input", src, "--dest", str(dest)])
     run_rows = sum(json.loads(p.read_text())["ok"] for p in Path(src, "_ledger").glob("*.json"))

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from dataset.synthetic import finished_runs
 from pipelines import score as score_cli
 from scoring import scores, stage
 from scoring.clip import ClipModelSpec
-from scoring.stage import ScoreConfig, ScoreTask, ScoreWorker, run_sequential
+from scoring.stage import ScoreConfig, ScoreTask, ScoreWorker, run_stage
 from scoring.tiny import build_tiny_clip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,8 +90,8 @@ def reference_cosines(out: str, reference_model, rows: list[dict], shard: str) -
 
 def test_scores_are_open_clips_cosines_one_per_ok_row(tmp_path, clip_dir, reference_model):
     out = finished(tmp_path / "out")
-    summary = run_sequential(config(out, clip_dir))
-    assert summary["committed"] == SHARDS
+    summary = run_stage(config(out, clip_dir))
+    assert summary["committed"] == SHARDS and summary["failed"] == {}
     got, want = committed_scores(out), ok_rows(out)
     assert sorted(got) == sorted(want)
     tokenizer = reference_model[2]
@@ -114,22 +113,21 @@ def test_scores_are_open_clips_cosines_one_per_ok_row(tmp_path, clip_dir, refere
 def test_rerun_is_a_noop_and_another_model_is_refused(tmp_path, clip_dir, capsys):
     out = finished(tmp_path / "out")
     assert score_cli.main(["--input", out, "--clip-model", f"local-dir:{clip_dir}", "--batch-size", "5"]) == 0
-    assert f"[score] done: {SHARDS} shards committed" in capsys.readouterr().out
+    assert f"[score] done: {SHARDS} of {SHARDS} shards scored, 0 failed" in capsys.readouterr().out
     base = Path(out, scores.STAGE)
     before = {p: p.stat().st_mtime_ns for p in base.rglob("*") if p.is_file() and "_claims" not in p.parts}
-    assert run_sequential(config(out, clip_dir)) == {"shards": 0, "committed": 0, "lost": 0, "abandoned": 0,
-                                                     "skipped": [], "failed": {}}
+    assert run_stage(config(out, clip_dir)) == {"shards": 0, "committed": 0, "failed": {}, "stopped": None}
     after = {p: p.stat().st_mtime_ns for p in base.rglob("*") if p.is_file() and "_claims" not in p.parts}
     assert after == before
     other = build_tiny_clip(tmp_path / "other-clip", seed=1)
     storage.delete(str(Path(out, scores.STAGE, "_ledger", "00001.json")))     # one shard left to score
     with pytest.raises(scores.ScorerMismatch, match="holds scores from"):
-        run_sequential(config(out, other))
+        run_stage(config(out, other))
 
 
 def test_new_recaption_generation_is_rescored(tmp_path, clip_dir):
     out = finished(tmp_path / "out")
-    run_sequential(config(out, clip_dir))
+    run_stage(config(out, clip_dir))
     output = Output.open(out)
     ledger = output.store.read_ledger("00001")
     attempt = output.store.new_attempt("00001")        # what --retry-errors commits: a generation 1
@@ -140,7 +138,7 @@ def test_new_recaption_generation_is_rescored(tmp_path, clip_dir):
     assert attempt.commit({k: v for k, v in ledger.items() if k not in ("files", "attempt_id")}, generation=1)
     assert stage.pending(output) == {"00001": 1}
     assert scores.coverage(load_finished(out)).missing == ["00001"]   # stale scores are never joined
-    assert run_sequential(config(out, clip_dir))["committed"] == 1
+    assert run_stage(config(out, clip_dir))["committed"] == 1
     score_ledger = scores.score_store(output).read_ledger("00001")
     assert score_ledger["generation"] == 1 and score_ledger["source"]["generation"] == 1
     assert scores.coverage(load_finished(out)).complete
@@ -149,14 +147,22 @@ def test_new_recaption_generation_is_rescored(tmp_path, clip_dir):
 KILLED_CHILD = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from dataset.outputs import Attempt
-from scoring.stage import ScoreConfig, run_sequential
+from dataset.claims import Claims
+from dataset.outputs import Attempt, Output
+from scoring.clip import ClipModelSpec
+from scoring.scores import score_store
+from scoring.stage import ScoreTask, ScoreWorker
 
 def die(self, ledger, generation=0):  # killed after the file is written, before the ledger exists
     os.kill(os.getpid(), signal.SIGKILL)
 
+output = Output.open({out!r})
+held = Claims(score_store(output).base, "a worker about to die", {ttl})
+token = held.acquire("00000")
+held.start_renewing(on_lost=print)   # live until the process dies
 Attempt.commit = die
-run_sequential(ScoreConfig({out!r}, {model!r}, batch_size=5, claim_ttl={ttl}))
+ScoreWorker({out!r}, output.fingerprint, ClipModelSpec({model!r}), batch_size=5).process(
+    ScoreTask("00000", claim_token=token))
 """
 
 
@@ -171,9 +177,10 @@ def test_attempt_killed_before_commit_then_rerun_gives_every_key_once(tmp_path, 
     store = scores.score_store(Output.open(out))
     leftovers = store.data_files()
     assert sum(len(files) for files in leftovers.values()) == 1 and store.done() == {}   # a file, no commit
-    assert run_sequential(config(out, clip_dir))["skipped"] == ["00000"]               # its claim is still live
-    time.sleep(ttl)
-    assert run_sequential(config(out, clip_dir))["committed"] == 1
+
+    summary = run_stage(config(out, clip_dir, claim_ttl=ttl))  # waits for the dead holder's claim to go stale
+
+    assert summary["committed"] == SHARDS and summary["failed"] == {}
     got, want = committed_scores(out), ok_rows(out)
     for shard in want:
         assert sorted(s["key"] for s in got[shard]) == sorted(r["key"] for r in want[shard])
@@ -187,7 +194,7 @@ def test_worker_actor_shape_and_abandon(tmp_path, clip_dir):
     output = Output.open(out)
     worker = ScoreWorker(out, output.fingerprint, ClipModelSpec(f"local-dir:{clip_dir}"), batch_size=4)
     ready = worker.ready()
-    assert ready["pid"] == os.getpid() and ready["context_length"] == 16 and ready["device"] == "cpu"
+    assert ready["worker"].endswith(f":{os.getpid()}") and ready["context_length"] == 16 and ready["device"] == "cpu"
     outcome = worker.process(ScoreTask("00000"))
     assert outcome["outcome"] == "committed" and outcome["ledger"]["scored"] == PER_SHARD - ERRORS
     assert worker.process(ScoreTask("00000"))["already"] is True

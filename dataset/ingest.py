@@ -6,12 +6,15 @@ a shard whose `{shard}_stats.json` exists is skipped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dataset import storage
+from dataset.logs import output_to
 
 DATACOMP_SETTINGS: dict = {
     "image_size": 512,
@@ -45,8 +48,9 @@ class DownloadSummary:
 
 
 def download(url_list: str, output: str, *, processes: int = 1, threads: int = 64,
-             distributor: str = "multiprocessing", **overrides) -> DownloadSummary:
-    """Run img2dataset with DATACOMP_SETTINGS (any img2dataset argument may be overridden)."""
+             distributor: str = "multiprocessing", log_file: Path | None = None, **overrides) -> DownloadSummary:
+    """Run img2dataset with DATACOMP_SETTINGS (any img2dataset argument may be overridden); its own
+    progress output goes to `log_file` when one is given."""
     # img2dataset imports albumentations, which otherwise asks PyPI for updates in every worker.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download as img2dataset_download
@@ -54,8 +58,9 @@ def download(url_list: str, output: str, *, processes: int = 1, threads: int = 6
     if distributor not in DISTRIBUTORS:
         raise ValueError(f"distributor must be one of {DISTRIBUTORS}, got {distributor!r}")
     settings = {**DATACOMP_SETTINGS, "incremental_mode": "incremental", **overrides}
-    img2dataset_download(url_list=url_list, output_folder=output, processes_count=processes,
-                         thread_count=threads, distributor=distributor, **settings)
+    with output_to(log_file) if log_file else contextlib.nullcontext():
+        img2dataset_download(url_list=url_list, output_folder=output, processes_count=processes,
+                             thread_count=threads, distributor=distributor, **settings)
     return summarize(output)
 
 

@@ -1,7 +1,8 @@
 """The whole loop on this machine with a tiny random-weight LLaVA (nothing downloaded):
 
 synthesize DataComp-like metadata -> serve the images on loopback -> download with img2dataset
--> recaption on vLLM in a Ray actor -> publish a Hub-ready folder -> write the HTML report.
+-> recaption on vLLM in a Ray actor (default engine flags) -> CLIP-score with a tiny open_clip model
+-> publish a Hub-ready folder with Recap-DataComp-1B's columns -> write the HTML report.
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from dataset.publish import publish
 from dataset.report import write_report
 from dataset.synthetic.web import serving, write_metadata
 from recaption.driver import RunConfig, run
-from recaption.engines import EngineConfig, SamplingConfig
+from recaption.engines import EngineConfig
 from recaption.job import CaptionJob
 from recaption.pool import PoolConfig
-from recaption.prompt import DEFAULT_PROMPT
 from recaption.tiny import build_tiny_llava
+from scoring.stage import ScoreConfig, run_stage
+from scoring.tiny import build_tiny_clip
 
 
 def clip(text: str | None, width: int) -> str:
@@ -66,22 +68,28 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{meta['good']} good urls, injected failures: {sorted(set(meta['injected'].values()))}")
         step("2. download with img2dataset (DataComp settings, 24 samples per shard)")
         summary = download(meta["files"][0], str(root / "shards"), processes=1, threads=8,
-                           number_sample_per_shard=24, timeout=3)
-        print("\n".join(summary.lines()))
+                           number_sample_per_shard=24, timeout=3, log_file=root / "img2dataset.log")
+        print("\n".join(summary.lines()) + f"\nimg2dataset's own log: {root / 'img2dataset.log'}")
 
-    step("3. recaption on vLLM (CPU) in a Ray actor")
+    step("3. recaption on vLLM (CPU) in a Ray actor, default engine flags")
     out = str(root / "recaptioned")
-    job = CaptionJob(EngineConfig(str(model), dtype="float32", max_model_len=512), SamplingConfig(max_tokens=64),
-                     prompt=DEFAULT_PROMPT)
-    code = run(RunConfig(input=str(root / "shards"), output=out, job=job, pool=PoolConfig(num_workers=1),
-                         progress_every=10))
+    code = run(RunConfig(input=str(root / "shards"), output=out, job=CaptionJob(EngineConfig(str(model))),
+                         pool=PoolConfig(num_workers=1), progress_every=10))
     if code != 0:
         sys.exit(code)
     show_rows(out)
 
-    step("4. publish a Hub-ready folder (train + preview splits, dataset card)")
+    step("4. CLIP scores (re_clip_score, org_clip_score) with a tiny random open_clip model")
+    clip_model = root / "tiny-clip"
+    if not (clip_model / "open_clip_config.json").exists():
+        build_tiny_clip(clip_model)
+    scored = run_stage(ScoreConfig(out, f"local-dir:{clip_model}"), progress_every=10)
+    if scored["failed"] or scored["stopped"]:
+        sys.exit(1)
+
+    step("5. publish a Hub-ready folder (train + preview splits, dataset card, Recap-DataComp-1B's columns)")
     publish(out, str(root / "published"), target_bytes=1 << 20)
-    step("5. report")
+    step("6. report")
     write_report(out, str(root / "report.html"))
     print(f"\noutputs:\n  shards      {root / 'shards'}\n  recaptioned {out}/{{parquet,wds,_ledger}}\n"
           f"  published   {root / 'published'} (README.md is the dataset card)\n  report      {root / 'report.html'}")

@@ -10,6 +10,7 @@ import _bootstrap  # noqa: F401  (first: the repository's packages, not pipeline
 
 import argparse
 import os
+from pathlib import Path
 
 from dataset import ingest
 
@@ -36,12 +37,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--caption-col", default=D["caption_col"], help="metadata column holding the web caption")
     p.add_argument("--timeout", type=int, default=10, help="seconds per download (img2dataset's default)")
     p.add_argument("--retries", type=int, default=0, help="extra attempts per failed url (img2dataset's default)")
+    p.add_argument("--log-file", type=Path, default=None,
+                   help="send img2dataset's own progress output to this file (default: the console)")
     a = p.parse_args(argv)
     summary = ingest.download(
         a.url_list, a.output, processes=a.processes, threads=a.threads, distributor=a.distributor,
         image_size=a.image_size, resize_mode=a.resize_mode, resize_only_if_bigger=not a.resize_always,
         number_sample_per_shard=a.samples_per_shard, caption_col=a.caption_col, timeout=a.timeout,
-        retries=a.retries,
+        retries=a.retries, log_file=a.log_file,
     )
     print("\n".join(summary.lines()))
 

@@ -46,7 +46,7 @@ class Projection:
     def line(self) -> str:
         cost = f", {self.cost:,.2f} at the given price" if self.cost is not None else ""
         return (f"whole input ~{self.images:,} images: {self.wall_hours:,.2f} h with this pool = "
-                f"{self.gpu_hours:,.1f} {self.unit}{cost}")
+                f"{hours(self.gpu_hours)} {self.unit}{cost}")
 
 
 def project(images: int, images_per_s: float, workers: int, gpus_per_worker: float,
@@ -79,3 +79,9 @@ class ScratchOutput:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def hours(value: float) -> str:
+    """Hours for people: 1,234.5 or 12.3, and two significant digits below 1 (0.0021, not 0.0)."""
+    return f"{value:,.1f}" if value >= 1 else f"{value:.2g}"
+

@@ -23,7 +23,7 @@ from recaption.job import CaptionJob
 from recaption.planning import Plan, plan
 from recaption.pool import ClusterView, Pool, PoolConfig, PoolExhausted, size_workers
 from recaption.progress import Progress
-from recaption.quiet import LogFile, quiet_environment
+from dataset.logs import LogFile, quiet_environment
 from recaption.scheduler import Scheduler, SchedulerConfig, run_to_the_end
 from recaption.worker import CaptionWorker
 

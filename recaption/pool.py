@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from recaption.flow import ShardTask
-from recaption.quiet import shown_path
+from dataset.logs import shown_path
 from recaption.worker import FAULT_ENV, EngineDied
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from recaption.cost import Projection, Rates, project
+from recaption.cost import Projection, Rates, hours, project
 from recaption.pool import Sizing
 
 
@@ -45,7 +45,7 @@ class Progress:
         finished = self.done + self.failed
         eta = (self.total - finished) * elapsed / finished if finished else float("nan")
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
-        cost = f" | {projection.gpu_hours:,.1f} {projection.unit} for the input" if projection else ""
+        cost = f" | {hours(projection.gpu_hours)} {projection.unit} for the input" if projection else ""
         return (f"[{self.name}] shards {self.done}/{self.total} done, {self.failed} failed | {rates.line()} | "
                 f"ETA {eta_text}{cost}")
 

@@ -96,6 +96,9 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, text_hidden: int = 128,
     processor = build_processor(tokenizer)
     model = build_model(tokenizer, seed, text_hidden, text_layers)
     model.generation_config.max_length = None
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()   # a tiny model needs no progress bar
     model.save_pretrained(out)
     processor.save_pretrained(out)
     to_llava_hf_layout(out)

@@ -38,7 +38,7 @@ from recaption.engines import CaptionEngine, Generation, RequestRejected, make_e
 from recaption.flow import Item, ShardFlow, ShardTask
 from recaption.job import CaptionJob
 from recaption.prompt import PromptBuilder
-from recaption.quiet import LogFile
+from dataset.logs import LogFile
 
 log = logging.getLogger("recaption.worker")
 

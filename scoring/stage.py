@@ -223,7 +223,7 @@ class ScoreWorker:
 
     def __init__(self, out: str, fingerprint: str, spec: ClipModelSpec, batch_size: int = 256,
                  device: str | None = None, *, log_file: str | None = None):
-        from recaption.quiet import LogFile
+        from dataset.logs import LogFile
         from scoring.clip import ClipScorer
 
         if log_file:  # library output of this process goes to OUT/_logs/, as the caption workers' does
@@ -293,7 +293,7 @@ def run_stage(config: ScoreConfig, *, progress_every: float = 30.0, verbose: boo
     from recaption.driver import holder_id, init_ray
     from recaption.pool import ClusterView, Pool, PoolConfig, size_workers
     from recaption.progress import Progress
-    from recaption.quiet import LogFile
+    from dataset.logs import LogFile
     from recaption.scheduler import Scheduler, SchedulerConfig, run_to_the_end
 
     output = Output.open(config.input, config.fingerprint)

@@ -1,16 +1,19 @@
-"""Quiet consoles: the job prints its own lines; library warnings and worker tracebacks go to log files.
+"""Quiet consoles: our commands print their own lines; library output, warnings and worker tracebacks go
+to log files.
 
 Logs live in OUT/_logs/ for a local output. For a remote one (s3://) each process writes a local
 file and copies it to OUT/_logs/ when it syncs (after each shard, and before a worker exits).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from dataset import storage
@@ -93,3 +96,26 @@ class LogFile:
 def quiet_environment() -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send everything written to stdout/stderr (fds 1 and 2, so child processes too) to `path` for a while."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dataset import storage
 from dataset.claims import Claims
+from dataset.logs import LogFile, quiet_environment
 from dataset.outputs import FingerprintMismatch, Output
 from recaption.cost import Rates as CostRates
 from recaption.cost import ScratchOutput, project, samples_per_shard
@@ -23,7 +24,6 @@ from recaption.job import CaptionJob
 from recaption.planning import Plan, plan
 from recaption.pool import ClusterView, Pool, PoolConfig, PoolExhausted, size_workers
 from recaption.progress import Progress
-from dataset.logs import LogFile, quiet_environment
 from recaption.scheduler import Scheduler, SchedulerConfig, run_to_the_end
 from recaption.worker import CaptionWorker
 

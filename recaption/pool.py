@@ -16,8 +16,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from recaption.flow import ShardTask
 from dataset.logs import shown_path
+from recaption.flow import ShardTask
 from recaption.worker import FAULT_ENV, EngineDied
 
 

@@ -32,13 +32,13 @@ from typing import Callable
 
 from PIL import Image
 
+from dataset.logs import LogFile
 from dataset.outputs import RECAPTION_KINDS, ShardStore
 from dataset.reader import InputSample
 from recaption.engines import CaptionEngine, Generation, RequestRejected, make_engine
 from recaption.flow import Item, ShardFlow, ShardTask
 from recaption.job import CaptionJob
 from recaption.prompt import PromptBuilder
-from dataset.logs import LogFile
 
 log = logging.getLogger("recaption.worker")
 

@@ -290,10 +290,10 @@ def run_stage(config: ScoreConfig, *, progress_every: float = 30.0, verbose: boo
 
     Returns {"shards", "committed", "failed": {shard: errors}, "stopped": signal name or None}.
     """
+    from dataset.logs import LogFile
     from recaption.driver import holder_id, init_ray
     from recaption.pool import ClusterView, Pool, PoolConfig, size_workers
     from recaption.progress import Progress
-    from dataset.logs import LogFile
     from recaption.scheduler import Scheduler, SchedulerConfig, run_to_the_end
 
     output = Output.open(config.input, config.fingerprint)

@@ -72,7 +72,8 @@ def main() -> None:
         full_rate = images_per_s(images, full)
         draft_rate = images_per_s(images, draft)
         kb = sum(map(len, images)) / len(images) / 1024
-        print(f"{name:<17}{len(images):>7}{kb:>8.0f}{full_rate:>16.1f}{draft_rate:>13.1f}{draft_rate / full_rate:>14.2f}x")
+        speedup = draft_rate / full_rate
+        print(f"{name:<17}{len(images):>7}{kb:>8.0f}{full_rate:>16.1f}{draft_rate:>13.1f}{speedup:>14.2f}x")
 
 
 if __name__ == "__main__":

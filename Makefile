@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(PY) pipelines/demo.py --out $(DEMO)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q --durations=20
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

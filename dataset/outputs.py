@@ -569,6 +569,16 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
+def wds_shards(spec: str) -> list[str]:
+    """The WebDataset shards `spec` names: a recaption output folder OUT (the committed `wds/` files of its
+    current version, found through the ledgers), or anything `storage.expand_inputs` takes."""
+    if not any(c in spec for c in "*?[{") and storage.exists(storage.join(spec, JOB_FILE)):
+        run = load_finished(spec)
+        return [path for shard in sorted(run.by_shard)
+                if (path := run.store.files(run.by_shard[shard]).get(WDS_DIR)) is not None]
+    return storage.expand_inputs(spec)
+
+
 def open_parquet(path: str) -> pq.ParquetFile:
     """A ParquetFile for a local path, or for an object fetched whole (one shard fits in memory)."""
     if storage.is_remote(path):

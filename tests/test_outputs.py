@@ -212,3 +212,15 @@ def test_names_and_stages(tmp_path):
         with pytest.raises(ValueError, match="cannot name a shard"):
             output.store.new_attempt(bad)
     assert json.loads((tmp_path / outputs.JOB_FILE).read_text())["versions"]["fp"]["root"] == ""
+
+
+def test_training_data_from_an_output_folder_is_its_committed_wds_files(tmp_path):
+    out = str(tmp_path / "out")
+    finished_runs.write_recaption_outputs(out, 3, 4)
+    run = outputs.load_finished(out)
+    committed = [run.wds(shard) for shard in sorted(run.by_shard)]
+    leftover = Path(out, "wds", "00001.deadattempt0.tar")    # a killed attempt's file, not yet swept
+    leftover.write_bytes(Path(committed[1]).read_bytes())
+
+    assert outputs.wds_shards(out) == committed
+    assert str(leftover) in outputs.wds_shards(f"{out}/wds/*.tar"), "a glob is taken literally"

@@ -35,7 +35,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dataset import storage
+from dataset import outputs, storage
 from train.tokenizer import CaptionTokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,8 +47,9 @@ Box = tuple[int, int, int, int]  # left, top, right, bottom
 
 
 def expand_urls(spec: str) -> list[str]:
-    """Shard paths from a folder, glob, brace range, or s3:// prefix or glob (the recaption job's --input)."""
-    return storage.expand_inputs(spec)
+    """Shard paths from a recaption output folder (its committed `wds/` files), or a folder, glob, brace range,
+    or s3:// prefix or glob (the recaption job's --input)."""
+    return outputs.wds_shards(spec)
 
 
 def read_shards(urls: list[str], select_files: Callable[[str], bool] | None = None) -> Iterator[dict]:

@@ -198,12 +198,17 @@ class VisionTower(nn.Module):
         depth = len(self.transformer.blocks)
         if not -depth <= layer < depth:
             raise ValueError(f"layer {layer} outside a tower of {depth} blocks")
+        return self.hidden(images, blocks=layer % depth + 1)
+
+    def hidden(self, images: Tensor, blocks: int) -> Tensor:
+        """States (B, 1 + patches, width) after the first `blocks` blocks (0: the embeddings), CLS first:
+        Hugging Face's `hidden_states[blocks]`."""
         x = self.patch_embed(images)
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         x = x + self.positions(grid_h, grid_w).to(x.device, x.dtype)
-        return self.transformer(x, blocks=layer % depth + 1)
+        return self.transformer(x, blocks=blocks) if blocks else x
 
     def pool(self, tokens: Tensor) -> Tensor:
         """Mean of the patch tokens (-> LayerNorm -> projection where the tower has a pooled head)."""

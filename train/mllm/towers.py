@@ -91,13 +91,11 @@ class OurTower(Tower):
         super().__init__(ImagePrep(size, IMAGENET_MEAN, IMAGENET_STD))
         self.vision = model.vision
         self.depth = blocks_to_run(layer, len(self.vision.transformer.blocks))
-        if self.depth == 0:
-            raise ValueError("our towers expose block outputs only (layer 0 is the embeddings)")
         if size % self.vision.patch_embed.stride[0]:
             raise ValueError(f"image size {size} is not a multiple of the patch size")
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.vision.tokens(images, layer=self.depth - 1)[:, 1:]
+        return self.vision.hidden(images, blocks=self.depth)[:, 1:]
 
 
 class OpenClipTower(Tower):

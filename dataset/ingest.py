@@ -30,6 +30,16 @@ DATACOMP_SETTINGS: dict = {
 DISTRIBUTORS = ("multiprocessing", "ray")
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """How img2dataset spreads the work; the defaults are img2dataset's own, threads for a network-bound job."""
+    processes: int = os.cpu_count() or 1   # decoding and resizing use the CPU
+    threads: int = 64                      # downloads wait on the network, not the CPU
+    timeout: int = 10                      # seconds per download
+    retries: int = 0                       # extra attempts per failed url
+    distributor: str = "multiprocessing"
+
+
 @dataclass
 class DownloadSummary:
     """Totals over the `_stats.json` files img2dataset wrote, one per finished shard."""

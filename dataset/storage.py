@@ -44,6 +44,7 @@ from boto3.exceptions import Boto3Error
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from braceexpand import braceexpand
 
 # Keys per ListObjectsV2 request (S3's maximum); tests lower it to exercise pagination.
 LIST_PAGE_SIZE = 1000
@@ -64,7 +65,6 @@ _DENIED = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureD
 # 412: the condition failed. 409: another conditional write of the same key is in flight; it wins.
 _CONDITION_FAILED = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 REQUESTS: collections.Counter = collections.Counter()
 _requests_lock = threading.Lock()
@@ -565,19 +565,6 @@ def probe_conditional_writes(folder: str) -> str | None:
 
 # --- input specs -----------------------------------------------------------------------------
 
-def expand_braces(pattern: str) -> list[str]:
-    """Expand numeric ranges like `{00000..00099}` (zero padding kept), as webdataset does."""
-    match = _BRACE_RANGE.search(pattern)
-    if not match:
-        return [pattern]
-    first, last = match.groups()
-    padded = first.startswith("0") or last.startswith("0")
-    width = max(len(first), len(last)) if padded else 0
-    low, high = sorted((int(first), int(last)))
-    head, tails = pattern[: match.start()], expand_braces(pattern[match.end():])
-    return [f"{head}{i:0{width}d}{tail}" for i in range(low, high + 1) for tail in tails]
-
-
 def expand_inputs(spec: str) -> list[str]:
     """Sorted input shard paths from a folder, glob, brace range or s3:// prefix (all `.tar`).
 
@@ -586,7 +573,7 @@ def expand_inputs(spec: str) -> list[str]:
     """
     listings: dict[str, set[str]] = {}
     found: set[str] = set()
-    for pattern in expand_braces(spec):
+    for pattern in braceexpand(spec):  # '{00000..00099}' and '{a,b}', zero padding kept, as webdataset
         remote = is_remote(pattern)
         if not _GLOB_CHARS.search(pattern) and not pattern.endswith(".tar") and (remote or os.path.isdir(pattern)):
             found.update(list_files(pattern, ".tar"))

@@ -9,12 +9,11 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
 
 import argparse
-import os
 from pathlib import Path
 
 from dataset import ingest
 
-D = ingest.DATACOMP_SETTINGS
+D, T = ingest.DATACOMP_SETTINGS, ingest.Throughput
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,11 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--url-list", required=True,
                    help="metadata parquet file, or folder of parquet files (local or s3://)")
     p.add_argument("--output", required=True, help="output folder for {00000..}.tar shards (local or s3://)")
-    p.add_argument("--processes", type=int, default=os.cpu_count(),
+    p.add_argument("--processes", type=int, default=T.processes,
                    help="download processes (default: one per CPU core; decoding and resizing use the CPU)")
-    p.add_argument("--threads", type=int, default=64,
+    p.add_argument("--threads", type=int, default=T.threads,
                    help="download threads per process (default 64: downloads wait on the network, not the CPU)")
-    p.add_argument("--distributor", choices=ingest.DISTRIBUTORS, default="multiprocessing",
+    p.add_argument("--distributor", choices=ingest.DISTRIBUTORS, default=T.distributor,
                    help="multiprocessing on this machine, or ray (one task per shard on the connected cluster)")
     p.add_argument("--image-size", type=int, default=D["image_size"], help="longest side after resizing, px")
     p.add_argument("--resize-mode", default=D["resize_mode"],
@@ -35,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples-per-shard", type=int, default=D["number_sample_per_shard"],
                    help="urls per shard (default 10,000, as DataComp)")
     p.add_argument("--caption-col", default=D["caption_col"], help="metadata column holding the web caption")
-    p.add_argument("--timeout", type=int, default=10, help="seconds per download (img2dataset's default)")
-    p.add_argument("--retries", type=int, default=0, help="extra attempts per failed url (img2dataset's default)")
+    p.add_argument("--timeout", type=int, default=T.timeout, help="seconds per download (img2dataset's default)")
+    p.add_argument("--retries", type=int, default=T.retries, help="extra attempts per failed url")
     p.add_argument("--log-file", type=Path, default=None,
                    help="send img2dataset's own progress output to this file (default: the console)")
     a = p.parse_args(argv)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-# Recap-DataComp-1B's instruction (RECIPE.md).
+# Recap-DataComp-1B's instruction (Li et al., "What If We Recaption Billions of Web Images with LLaMA-3?",
+# arXiv:2406.08478).
 DEFAULT_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
 ORG_CAPTION_FIELD = "{org_caption}"
 MAX_ORG_CAPTION_CHARS = 1000

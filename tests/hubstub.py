@@ -1,7 +1,7 @@
 """A minimal Hugging Face Hub on loopback: what `create_repo`, `dataset_info`, `preupload_lfs_files` and
 `create_commit` call, with LFS storage, so a test can see what each commit did and when files arrived.
 
-Endpoints (FACTS.md, and huggingface_hub 2.x's client code): create repo (records `private`; makes the
+Endpoints (as huggingface_hub 2.x's client code calls them): create repo (records `private`; makes the
 initial commit the Hub makes), dataset info (`private`, head `sha`), preupload (answers "lfs" for the
 file types the Hub's default .gitattributes sends to LFS, "regular" for the rest), the LFS batch API
 with a basic-transfer upload URL and a verify URL, commit (NDJSON: inline regular files, `lfsFile`

@@ -125,12 +125,6 @@ def test_list_files_direct_children_sorted_and_paginated(root, monkeypatch):
     assert storage.list_files(storage.join(root, "no-such-folder")) == []
 
 
-def test_expand_braces():
-    assert storage.expand_braces("d/{8..11}.tar") == ["d/8.tar", "d/9.tar", "d/10.tar", "d/11.tar"]
-    assert storage.expand_braces("{0..1}-{008..009}") == ["0-008", "0-009", "1-008", "1-009"]
-    assert storage.expand_braces("plain.tar") == ["plain.tar"]
-
-
 def _make_shards(root: str, count: int) -> list[str]:
     paths = [storage.join(root, "data", f"{i:05d}.tar") for i in range(count)]
     for path in paths:

@@ -28,3 +28,15 @@ def rows(base: str, shard: str) -> list[dict]:
 def keys(base: str) -> list[str]:
     """Every key over all committed Parquet files, duplicates kept (exactly once means no repeats)."""
     return [row["key"] for shard in sorted(store(base).done()) for row in rows(base, shard)]
+
+
+def assert_only_fixed_rows_changed(before: dict[str, dict], after: dict[str, dict], fixed: set[str]) -> None:
+    """A --retry-errors generation: the same keys in the same order, the `fixed` error rows now ok, every other
+    row exactly as it was."""
+    assert list(after) == list(before)
+    for key, row in after.items():
+        if key in fixed:
+            assert before[key]["status"] == "error" and row["status"] == "ok"
+        else:
+            assert row == before[key]
+

@@ -57,6 +57,13 @@ class Driver:
     def output(self) -> str:
         return self.log.read_text()
 
+    def wait_for(self, folder: Path, timeout: float = 120) -> None:
+        """Until this driver has written a file into `folder` (a claim taken, a shard committed)."""
+        deadline = time.time() + timeout
+        while not (folder.exists() and any(folder.glob("*.json"))):
+            assert time.time() < deadline and self.process.poll() is None, self.output()
+            time.sleep(0.1)
+
 
 def worker_pids() -> list[int]:
     """Caption worker processes of every local Ray on this machine."""
@@ -116,10 +123,7 @@ def test_a_paused_writer_cannot_change_what_another_driver_committed(tmp_path, t
     infos = write_shards(tmp_path / "in", shards=3, per_shard=6)
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     paused = Driver(inp, out, tiny_model, tmp_path, step_seconds=0.5)   # about 1.5 s per shard
-    deadline = time.time() + 120
-    while not (Path(out, "_claims").exists() and any(Path(out, "_claims").glob("*.json"))):
-        assert time.time() < deadline and paused.process.poll() is None, paused.output()
-        time.sleep(0.1)
+    paused.wait_for(Path(out, "_claims"))
     paused.signal_group(signal.SIGSTOP)               # driver, Ray and worker frozen mid-shard
     time.sleep(CLAIM_TTL + 1)                         # its claims go stale by the storage's clock
 
@@ -142,10 +146,7 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes_the_rest(tmp_path, tiny_mode
     infos = write_shards(tmp_path / "in", shards=6, per_shard=8)
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     driver = Driver(inp, out, tiny_model, tmp_path, step_seconds=0.5)   # about 1 s per shard
-    deadline = time.time() + 120
-    while not (Path(out, "_ledger").exists() and any(Path(out, "_ledger").glob("*.json"))):
-        assert time.time() < deadline and driver.process.poll() is None, driver.output()
-        time.sleep(0.1)
+    driver.wait_for(Path(out, "_ledger"))
 
     driver.process.send_signal(signal.SIGTERM)        # `ray job stop`, a spot instance's notice
     assert driver.wait(timeout=60) == 143

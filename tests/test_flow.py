@@ -100,12 +100,7 @@ def test_retry_errors_recaptions_only_error_rows_as_the_next_generation(tmp_path
 
     after = rows(out)
     assert outcome["outcome"] == "committed" and outcome["ledger"]["rows_out"] == len(before)
-    assert list(after) == list(before)
-    for key, row in after.items():
-        if key in fixable:
-            assert before[key]["status"] == "error" and row["status"] == "ok"
-        else:
-            assert row == before[key]
+    committed.assert_only_fixed_rows_changed(before, after, fixable)
     ledger = json.loads((out / outputs.LEDGER_DIR / "00000~1.json").read_text())
     assert ledger["generation"] == 1
     assert ledger["error"] == sum(r["status"] == "error" for r in before.values()) - len(fixable)

@@ -124,12 +124,7 @@ def test_retry_errors_recaptions_only_error_rows_as_a_new_generation(tmp_path, t
     assert run_job(str(tmp_path / "in"), out, tiny_model, "--retry-errors") == 0
 
     after = {r["key"]: r for r in committed.rows(out, "00000")}
-    assert list(after) == list(before)
-    for key, row in after.items():
-        if key in fixable:
-            assert before[key]["status"] == "error" and row["status"] == "ok"
-        else:
-            assert row == before[key]
+    committed.assert_only_fixed_rows_changed(before, after, fixable)
     store = committed.store(out)
     assert store.done() == {"00000": 1}
     assert store.read_ledger("00000")["error"] == sum(r["status"] == "error" for r in before.values()) - len(fixable)

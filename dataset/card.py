@@ -146,8 +146,8 @@ def plain(value) -> str:
 
 
 def _captioner(c: dict) -> str:
-    revision = c.get("revision")
-    pinned = (f"at revision {revision}" if revision
+    version = c.get("model_version") or c.get("revision")
+    pinned = (f"at {version}" if version
               else "with no pinned revision (the model's files as they were at run time)")
     return f"{c.get('model', 'unknown')} {pinned}, run with the {c.get('backend', 'unknown')} backend"
 
@@ -185,7 +185,7 @@ def _images(image: dict) -> str:
 
 
 CONFIG_SENTENCES = {   # label -> (keys it covers, sentence)
-    "captioner": (("model", "revision", "backend"), _captioner),
+    "captioner": (("model", "revision", "model_version", "backend"), _captioner),
     "prompt": (("prompt",), lambda c: f"“{c.get('prompt', '')}”"),
     "decoding": (("temperature", "top_k", "top_p", "seed", "max_tokens"), _decoding),
 }

@@ -132,7 +132,7 @@ def test_local_publish_loads_and_replaces_stale_files(out, tmp_path, capsys):
     check_published(dest, ok_rows, tmp_path / "cache1", unscored_columns())
     body = read_card(dest)[1]
     assert f"{SHARDS * ERRORS:,} rows whose image could not be used are not published" in body
-    assert "synthetic/tiny\\-llava at revision 0000" in body and "greedy \\(temperature 0\\)" in body
+    assert "synthetic/tiny\\-llava at 0000" in body and "greedy \\(temperature 0\\)" in body
     assert "Please generate a detailed caption of this image\\." in body and "**CLIP scores**: not computed" in body
 
     publish.publish(src, str(dest))                               # defaults: one file, one row group
@@ -304,7 +304,7 @@ def test_real_run_scored_published_with_nine_columns_and_an_inert_card(tmp_path_
 
     meta, body = read_card(dest)
     made = how_made(body)
-    assert "with no pinned revision" in made and "at most 1,024 px on the longest side" in made
+    assert " at sha256\\:" in made and "at most 1,024 px on the longest side" in made
     assert "run with the null backend" in made and "refused when over 64,000,000 pixels" in made
     rendered = MarkdownIt("commonmark").enable("table").render(body)
     page = Cells()

@@ -5,6 +5,7 @@ import io
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from dataset import ingest
@@ -13,6 +14,8 @@ from dataset.synthetic import input_shards, web
 from pipelines import download as download_cli
 
 FILES, PER_FILE, TIMEOUT_S = 2, 8, 2
+
+pytestmark = pytest.mark.slow
 
 
 def test_download_counts_layout_and_resume(tmp_path, capsys, monkeypatch):

@@ -21,6 +21,8 @@ from train.mllm.tiny import build_tiny_lm, build_tiny_tower, write_shape_task
 
 IMAGE_SIZE = 64
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def one_thread():

@@ -88,6 +88,7 @@ def reference_cosines(out: str, reference_model, rows: list[dict], shard: str) -
     return {r["key"]: (float(image[i] @ re[i]), float(image[i] @ org[i])) for i, r in enumerate(rows)}
 
 
+@pytest.mark.slow  # a local Ray and a scoring actor
 def test_scores_are_open_clips_cosines_one_per_ok_row(tmp_path, clip_dir, reference_model):
     out = finished(tmp_path / "out")
     summary = run_stage(config(out, clip_dir))
@@ -110,6 +111,7 @@ def test_scores_are_open_clips_cosines_one_per_ok_row(tmp_path, clip_dir, refere
     assert ledger["scorer"] == ClipModelSpec(f"local-dir:{clip_dir}").identity()
 
 
+@pytest.mark.slow  # a local Ray and a scoring actor
 def test_rerun_is_a_noop_and_another_model_is_refused(tmp_path, clip_dir, capsys):
     out = finished(tmp_path / "out")
     assert score_cli.main(["--input", out, "--clip-model", f"local-dir:{clip_dir}", "--batch-size", "5"]) == 0
@@ -125,6 +127,7 @@ def test_rerun_is_a_noop_and_another_model_is_refused(tmp_path, clip_dir, capsys
         run_stage(config(out, other))
 
 
+@pytest.mark.slow  # a local Ray and a scoring actor
 def test_new_recaption_generation_is_rescored(tmp_path, clip_dir):
     out = finished(tmp_path / "out")
     run_stage(config(out, clip_dir))

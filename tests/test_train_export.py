@@ -22,6 +22,8 @@ from train.tokenizer import CaptionTokenizer
 TEXTS = ["a red circle", "Photo of a BLUE square on a white background!!", "a green &amp; yellow ring",
          " ".join(["a purple cross"] * 40)]  # the last one is truncated
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[dict[str, Path], Path]:

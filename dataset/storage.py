@@ -579,17 +579,26 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def expand_inputs(spec: str) -> list[str]:
-    """Sorted input shard paths from a folder, glob, brace range or s3:// prefix (all `.tar`).
+    """Sorted input shard paths from a folder, glob, brace range or s3:// prefix (all `.tar`)."""
+    return list_inputs(spec)[0]
+
+
+def list_inputs(spec: str) -> tuple[list[str], set[str]]:
+    """`expand_inputs`, and every file the listings it made found (the files img2dataset writes beside
+    each shard, to be looked up without listing the folder again).
 
     One listing per folder, however many names a brace range expands to: O(folders) requests and
-    time linear in the names.
+    time linear in the names. Folders in which a local glob matched are not listed: their files are not
+    in the set.
     """
     listings: dict[str, set[str]] = {}
     found: set[str] = set()
     for pattern in expand_braces(spec):
         remote = is_remote(pattern)
         if not _GLOB_CHARS.search(pattern) and not pattern.endswith(".tar") and (remote or os.path.isdir(pattern)):
-            found.update(list_files(pattern, ".tar"))
+            if pattern not in listings:
+                listings[pattern] = set(list_files(pattern))
+            found.update(p for p in listings[pattern] if p.endswith(".tar"))
             continue
         folder, name = pattern.rsplit("/", 1) if remote else os.path.split(pattern)
         if _GLOB_CHARS.search(folder):
@@ -605,4 +614,4 @@ def expand_inputs(spec: str) -> list[str]:
             found.add(join(folder, name))
     if not found:
         raise ValueError(f"no input shards match {spec!r}")
-    return sorted(found)
+    return sorted(found), set().union(*listings.values())

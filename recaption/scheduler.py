@@ -39,7 +39,7 @@ from recaption.pool import Event, Pool
 PERMANENT_ERRORS = ("InputError",)     # the reader refused the shard: retrying cannot help
 MIN_DURATIONS = 3                      # committed shards needed before deadlines and speculation apply
 DURATION_WINDOW = 1000                 # deadlines and speculation follow the median of the latest shard times
-REQUEST_THREADS = 8                    # claims taken and released beside the loop (one or two round trips each)
+REQUEST_THREADS = 16                   # claims taken and released beside the loop (one or two round trips each)
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,8 @@ class Scheduler:
             self.claiming.clear()
 
     def ahead(self) -> int:
-        """Tasks to claim ahead of the free slots: as many as the pool holds at once."""
-        return self.pool.sizing.workers * self.pool.config.tasks_per_worker
+        """Tasks to claim ahead of the free slots: as many as the pool holds at once, and one for each thread."""
+        return self.pool.sizing.workers * self.pool.config.tasks_per_worker + REQUEST_THREADS
 
     def dispatch(self) -> None:
         while self.pending and len(self.claiming) < self.ahead() and not self.stop.is_set():

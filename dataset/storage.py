@@ -521,12 +521,14 @@ def list_files(folder: str, suffix: str = "", name_prefix: str = "") -> list[str
         pages = s3_client().get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=directory + name_prefix, Delimiter="/",
             PaginationConfig={"PageSize": LIST_PAGE_SIZE})
-        keys = []
+        paths = []
         with _s3_errors("list", folder):
             for page in pages:
                 _count("list")
-                keys += [obj["Key"] for obj in page.get("Contents", [])]
-        return sorted(f"s3://{bucket}/{k}" for k in keys if k.endswith(suffix) and k != directory)
+                paths += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])
+                          if obj["Key"].endswith(suffix) and obj["Key"] != directory]
+        paths.sort()
+        return paths
     _count("list")
     try:
         entries = os.scandir(folder or ".")
@@ -583,13 +585,12 @@ def expand_inputs(spec: str) -> list[str]:
     return list_inputs(spec)[0]
 
 
-def list_inputs(spec: str) -> tuple[list[str], set[str]]:
-    """`expand_inputs`, and every file the listings it made found (the files img2dataset writes beside
-    each shard, to be looked up without listing the folder again).
+def list_inputs(spec: str) -> tuple[list[str], list[set[str]]]:
+    """`expand_inputs`, and the listings it made, each the full paths of the files in one folder (the files
+    img2dataset writes beside each shard, to be looked up without listing the folder again).
 
     One listing per folder, however many names a brace range expands to: O(folders) requests and
-    time linear in the names. Folders in which a local glob matched are not listed: their files are not
-    in the set.
+    time linear in the names. Folders in which a local glob matched are not listed.
     """
     listings: dict[str, set[str]] = {}
     found: set[str] = set()
@@ -614,4 +615,4 @@ def list_inputs(spec: str) -> tuple[list[str], set[str]]:
             found.add(join(folder, name))
     if not found:
         raise ValueError(f"no input shards match {spec!r}")
-    return sorted(found), set().union(*listings.values())
+    return sorted(found), list(listings.values())

@@ -29,27 +29,29 @@ class Plan:
         return len(self.tasks) + self.done + len(self.not_ready)
 
 
-def img2dataset_stats(paths: list[str], listed: set[str]) -> set[str]:
-    """The `_stats.json` files beside the input tars: from the listings that found them (`listed`), and one
-    listing of each folder they do not cover.
+def img2dataset_stats(paths: list[str], listings: list[set[str]]) -> set[str]:
+    """The `_stats.json` files beside the input tars: from the listings that found the tars (each one folder's
+    files), and one listing of each folder they do not cover.
 
     img2dataset writes a shard's tar first and its `_stats.json` last: in a folder that has any stats
     file, a tar without one is a download still running (or one that died), not a finished shard.
     """
-    covered = {storage.parent(path) for path in listed}
-    more = [storage.list_files(folder, "_stats.json") for folder in {storage.parent(path) for path in paths} - covered]
-    return {path for path in listed if path.endswith("_stats.json")}.union(*more)
+    covered = {storage.parent(next(iter(files))) for files in listings if files}
+    listings = listings + [storage.list_files(folder, "_stats.json")
+                           for folder in {storage.parent(path) for path in paths} - covered]
+    return {path for files in listings for path in files if path.endswith("_stats.json")}
 
 
 def plan(input_spec: str, store: ShardStore, *, retry_errors: bool = False, max_shards: int | None = None) -> Plan:
     """The pending tasks of a run: shards without a ledger, and with `retry_errors` the done shards that
     have error rows (as the next ledger generation). Shards img2dataset has not finished are left out."""
-    paths, listed = storage.list_inputs(input_spec)
+    paths, listings = storage.list_inputs(input_spec)
     names = [shard_name(path) for path in paths]
     clashes = sorted(name for name, count in Counter(names).items() if count > 1)
     if clashes:
         raise ValueError(f"input shards share output names {clashes[:5]}: one output folder per set of names")
-    stats = img2dataset_stats(paths, listed)
+    stats = img2dataset_stats(paths, listings)
+    del listings   # every file of the input folders: 3 per shard from img2dataset
     with_stats = {storage.parent(path) for path in stats}
     done = store.done()
     result = Plan([], 0)

@@ -16,13 +16,17 @@ through `Output.register`, each shard as an `Attempt` that puts a Parquet and a 
 shards with errors): what a real run leaves, with real names and real commits.
 
 Each measurement runs in a fresh process, so the peak memory (RSS, imports included) is the driver's own:
+- import: `pipelines/recaption.py`'s modules (paid once per rerun, before main());
 - no-op rerun: `pipelines/recaption.py`'s main() in-process with the null backend, up to "nothing pending";
 - planning alone: `recaption.planning.plan()` on the output's current version;
 - the storage requests of each, by kind (`dataset.storage.REQUESTS`; 'list' counts listing pages).
 Then a run with pending shards (--throughput-shards, a smaller N) on the null backend with 2 workers on a
-local Ray: shards/s over the span from the first shard's start to the last commit (Ray's start-up aside).
-Last, for each timing and the memory, the least-squares line over N, the growth exponent between the two
-largest sizes (1 is linear, 2 quadratic), and the projection to 140,000 shards against the goals.
+local Ray: shards/s over the span from the first shard's start to the last commit (Ray's start-up aside);
+locally once more with --latency-ms added to each of the driver's storage requests (the workers' are
+left alone), as a driver far from its S3 sees them: what the claims taken on threads are for.
+Last, for each timing and the memory, the least-squares line y = a + b N, the per-shard cost between
+consecutive sizes (the last over the first is about 1 when the growth is linear, (N3 + N2) / (N2 + N1)
+when quadratic), and the projection to 140,000 shards against the goals.
 
     python -m benchmarks.control_plane                            # local: 1k, 10k, 50k
     python -m benchmarks.control_plane --s3 --s3-sizes 1000 10000  # and SeaweedFS S3 at 1k and 10k
@@ -223,6 +227,7 @@ def measure(argv: list[str], state: str, storage_name: str, n: int) -> Measured:
 class Throughput:
     storage: str
     shards: int
+    latency_ms: float
     wall_s: float
     span_s: float
     peak_rss_mb: float
@@ -233,14 +238,31 @@ class Throughput:
         return self.shards / self.span_s
 
 
-def throughput(argv: list[str], storage_name: str, n: int) -> Throughput:
-    """In a fresh process: a run over N pending shards; the span is first shard started .. last committed."""
+def delay_requests(latency_s: float) -> None:
+    """Every storage request of this process waits `latency_s` first, as on a distant S3 (storage counts each
+    request once, through `_count`, before making it)."""
+    from dataset import storage
+
+    count = storage._count
+
+    def delayed(kind: str) -> None:
+        time.sleep(latency_s)
+        count(kind)
+
+    storage._count = delayed
+
+
+def throughput(argv: list[str], storage_name: str, n: int, latency_ms: float = 0.0) -> Throughput:
+    """In a fresh process: a run over N pending shards; the span is first shard started .. last committed.
+    With `latency_ms`, each of the driver's storage requests takes that much longer (the workers' do not)."""
     import ray
 
     from dataset import storage
     from dataset.outputs import Output
     from pipelines import recaption as recaption_cli
 
+    if latency_ms:
+        delay_requests(latency_ms / 1000)
     storage.REQUESTS.clear()
     printed = io.StringIO()
     started = time.perf_counter()
@@ -259,7 +281,7 @@ def throughput(argv: list[str], storage_name: str, n: int) -> Throughput:
     if len(ledgers) != n:
         raise RuntimeError(f"{len(ledgers)} of {n} shards committed")
     span = max(ledger["finished_at"] for ledger in ledgers) - min(ledger["started_at"] for ledger in ledgers)
-    return Throughput(storage_name, n, wall, span, peak_rss_mb(), requests)
+    return Throughput(storage_name, n, latency_ms, wall, span, peak_rss_mb(), requests)
 
 
 def in_fresh_process(function, *args):
@@ -306,12 +328,13 @@ def measure_size(site: Site, n: int, model: str, template: Template) -> list[Mea
     return results
 
 
-def measure_throughput(site: Site, n: int, model: str, template: Template) -> Throughput:
+def measure_throughput(site: Site, n: int, model: str, template: Template, latency_ms: float = 0.0) -> Throughput:
     from dataset import storage
 
-    inputs, out = storage.join(site.root, f"run{n}", "shards"), storage.join(site.root, f"run{n}", "out")
+    run = f"run{n}-{latency_ms:g}ms"
+    inputs, out = storage.join(site.root, run, "shards"), storage.join(site.root, run, "out")
     write_inputs(inputs, n, template)
-    return in_fresh_process(throughput, run_argv(inputs, out, model, "run"), site.name, n)
+    return in_fresh_process(throughput, run_argv(inputs, out, model, "run"), site.name, n, latency_ms)
 
 
 # ----- report
@@ -399,7 +422,8 @@ def report_fits(results: list[Measured]) -> None:
 
 def report_throughput(t: Throughput) -> None:
     ok = "met" if t.shards_per_s >= THROUGHPUT_GOAL else "MISSED"
-    print(f"\n{t.storage}: {t.shards} pending shards x {SHARD_SAMPLES} samples, null backend, 2 workers: "
+    slower = f" + {t.latency_ms:g} ms per driver request" if t.latency_ms else ""
+    print(f"\n{t.storage}{slower}: {t.shards} pending shards x {SHARD_SAMPLES} samples, null backend, 2 workers: "
           f"{t.shards_per_s:.1f} shards/s over {t.span_s:.1f} s (first start .. last commit; {t.wall_s:.1f} s with "
           f"Ray's start-up)   goal >= {THROUGHPUT_GOAL:.0f}: {ok}")
     per_shard = {kind: round(count / t.shards, 2) for kind, count in sorted(t.requests.items())}
@@ -440,6 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--s3-sizes", type=int, nargs="+", default=[1000, 10000], help="S3 sizes (shards)")
     p.add_argument("--throughput-shards", type=int, default=500,
                    help="pending shards of the null-backend run with 2 workers (0: skip)")
+    p.add_argument("--latency-ms", type=float, default=30.0,
+                   help="run the local throughput run again with this much added to each of the driver's storage "
+                        "requests, as on a distant S3 (0: skip)")
     p.add_argument("--workdir", help="build here instead of a temporary folder (kept afterwards)")
     a = p.parse_args(argv)
 
@@ -453,7 +480,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{os.cpu_count()} cores (a machine shared with other jobs); {SHARD_SAMPLES} samples of {IMAGE_SIZE} px "
               f"per shard; outputs built through Output.register + Attempt.put/commit\n\n{HEADER}", flush=True)
         results = [m for n in a.sizes for m in measure_size(local, n, model, template)]
-        runs = [measure_throughput(local, a.throughput_shards, model, template)] if a.throughput_shards else []
+        runs = []
+        if a.throughput_shards:
+            runs += [measure_throughput(local, a.throughput_shards, model, template, latency)
+                     for latency in sorted({0.0, a.latency_ms})]
         if a.s3:
             with seaweed_bucket() as bucket:
                 s3 = Site("s3", f"{bucket}/bench", workdir / "staging")

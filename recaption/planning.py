@@ -1,7 +1,7 @@
 """Which input shards a run captions, decided from listings: the inputs (the same listing shows
-img2dataset's `_stats.json` files beside them) and the output's `_ledger/` folder. No per-shard reads,
-except the ledgers of done shards under `--retry-errors` (their error counts), so a rerun over
-140,000 done shards costs a few listings: on S3 one page per 1,000 files.
+img2dataset's `_stats.json` files beside them) and, at the same time, the output's `_ledger/` folder.
+No per-shard reads, except the ledgers of done shards under `--retry-errors` (their error counts), so
+a rerun over 140,000 done shards costs a few listings: on S3 one page per 1,000 files.
 """
 from __future__ import annotations
 
@@ -45,15 +45,17 @@ def img2dataset_stats(paths: list[str], listings: list[set[str]]) -> set[str]:
 def plan(input_spec: str, store: ShardStore, *, retry_errors: bool = False, max_shards: int | None = None) -> Plan:
     """The pending tasks of a run: shards without a ledger, and with `retry_errors` the done shards that
     have error rows (as the next ledger generation). Shards img2dataset has not finished are left out."""
-    paths, listings = storage.list_inputs(input_spec)
-    names = [shard_name(path) for path in paths]
-    clashes = sorted(name for name, count in Counter(names).items() if count > 1)
-    if clashes:
-        raise ValueError(f"input shards share output names {clashes[:5]}: one output folder per set of names")
-    stats = img2dataset_stats(paths, listings)
-    del listings   # every file of the input folders: 3 per shard from img2dataset
+    with ThreadPoolExecutor(1) as lister:   # the ledgers are listed while the inputs are
+        ledgers = lister.submit(store.done)
+        paths, listings = storage.list_inputs(input_spec)
+        names = [shard_name(path) for path in paths]
+        clashes = sorted(name for name, count in Counter(names).items() if count > 1)
+        if clashes:
+            raise ValueError(f"input shards share output names {clashes[:5]}: one output folder per set of names")
+        stats = img2dataset_stats(paths, listings)
+        del listings   # every file of the input folders: 3 per shard from img2dataset
+        done = ledgers.result()
     with_stats = {storage.parent(path) for path in stats}
-    done = store.done()
     result = Plan([], 0)
     retry = []
     for path, name in zip(paths, names):

@@ -111,13 +111,22 @@ class Scheduler:
         """Tasks to claim ahead of the free slots: as many as the pool holds at once, and one for each thread."""
         return self.pool.sizing.workers * self.pool.config.tasks_per_worker + REQUEST_THREADS
 
-    def dispatch(self) -> None:
+    def claim_ahead(self) -> None:
         while self.pending and len(self.claiming) < self.ahead() and not self.stop.is_set():
             task = self.pending.popleft()
             self.claiming.append((task, self.requests.submit(self.take, task)))
-        while self.claiming and self.pool.free_slots() and not self.stop.is_set():
-            task, taken = self.claiming.popleft()
+
+    def dispatch(self) -> None:
+        """Send claimed tasks to free slots, in order; settle those another driver holds or committed."""
+        self.claim_ahead()
+        while self.claiming and not self.stop.is_set():
+            task, taken = self.claiming[0]
+            if not taken.done() and not self.pool.free_slots():
+                break
             token, committed = taken.result()   # taken while the workers were busy, as a rule
+            if token is not None and not committed and not self.pool.free_slots():
+                break
+            self.claiming.popleft()
             if token is None:
                 self.waiting.append(task)
             elif committed:
@@ -126,6 +135,7 @@ class Scheduler:
                 task = replace(task, claim_token=token)
                 self.running[task.shard] = Running(task, time.time())
                 self.pool.submit(task)
+        self.claim_ahead()
 
     def take(self, task: ShardTask) -> tuple[str | None, bool]:
         """Beside the loop: the claim (token None: another live driver holds it), then whether the ledger this

@@ -105,8 +105,9 @@ class Template:
             with self.lock:
                 if self.files[suffix] == source:
                     self.copies += 1
-                    self.files[suffix] = self.folder / f"copy{self.copies}{suffix}"
-                    shutil.copyfile(source, self.files[suffix])
+                    copy = self.folder / f"copy{self.copies}{suffix}"
+                    shutil.copyfile(source, copy)
+                    self.files[suffix] = copy   # other threads link to it from now on
             self.link(suffix, target)
 
 

@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 50000], help="local sizes (shards)")
     p.add_argument("--s3", action="store_true", help="also on SeaweedFS S3 (tests/s3server.py) on loopback")
-    p.add_argument("--s3-sizes", type=int, nargs="+", default=[1000, 10000], help="S3 sizes (shards)")
+    p.add_argument("--s3-sizes", type=int, nargs="*", default=[1000, 10000], help="S3 sizes (shards)")
     p.add_argument("--throughput-shards", type=int, default=500,
                    help="pending shards of the null-backend run with 2 workers (0: skip)")
     p.add_argument("--latency-ms", type=float, default=30.0,

@@ -47,6 +47,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 # Keys per ListObjectsV2 request (S3's maximum); tests lower it to exercise pagination.
 LIST_PAGE_SIZE = 1000
+# Files up to this size go up in one PUT: boto3's multipart threshold, without its transfer manager's
+# threads (a per-file cost that small files, e.g. a shard's Parquet, would pay for nothing).
+SINGLE_PUT_BYTES = 8 << 20
 # Bytes per read from an S3 response body: tar readers ask for 512-byte blocks.
 STREAM_BUFFER_SIZE = 1 << 20
 # Tries per S3 call, retries included (botocore "standard" mode: exponential backoff with jitter).
@@ -417,8 +420,11 @@ def put_file(local_file: str, path: str) -> None:
     if is_remote(path):
         bucket, key = _bucket_key(path)
         with _s3_errors("upload", path):
-            # Multipart above 8 MiB; the object appears only when the upload completes.
-            s3_client().upload_file(local_file, bucket, key)
+            if os.path.getsize(local_file) <= SINGLE_PUT_BYTES:
+                with open(local_file, "rb") as f:
+                    s3_client().put_object(Bucket=bucket, Key=key, Body=f)
+            else:  # multipart: the object appears only when the upload completes
+                s3_client().upload_file(local_file, bucket, key)
         os.remove(local_file)
         return
     target = Path(path)

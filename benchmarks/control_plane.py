@@ -300,6 +300,7 @@ class Site:
 
 
 def measure_size(site: Site, n: int, model: str, template: Template) -> list[Measured]:
+    """N input shards, and their output taken through STATES, measured in each."""
     from dataset import storage
     from dataset.outputs import Output
 
@@ -307,8 +308,8 @@ def measure_size(site: Site, n: int, model: str, template: Template) -> list[Mea
     started = time.perf_counter()
     write_inputs(inputs, n, template)
     names = shard_names(n)
-    first, second = pinned_job(run_argv(inputs, out, model, "done")), pinned_job(run_argv(inputs, out, model,
-                                                                                          "versions"))
+    first = pinned_job(run_argv(inputs, out, model, "done"))
+    second = pinned_job(run_argv(inputs, out, model, "versions"))   # another prompt: another fingerprint
     store = Output.register(out, first.fingerprint, first.caption_config(), False).store
     commit_shards(store, inputs, names[::2], first, site.staging, template)
     results = []

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from webdataset import TarWriter
 
 from dataset import claims, storage
 
@@ -441,6 +440,8 @@ class WdsWriter:
     `{key}.txt` (web caption), `{key}.re_caption.txt` and `{key}.json` (metadata, sorted keys)."""
 
     def __init__(self, local_file: str):
+        from webdataset import TarWriter  # here, not at the top: webdataset imports torch, which drivers never need
+
         self.local_file, self.samples = local_file, 0
         self.tar = TarWriter(local_file, encoder=False, mode=0o644, mtime=int(time.time()))
 

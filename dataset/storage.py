@@ -48,6 +48,9 @@ from braceexpand import braceexpand
 
 # Keys per ListObjectsV2 request (S3's maximum); tests lower it to exercise pagination.
 LIST_PAGE_SIZE = 1000
+# Files up to this size go up in one PUT: boto3's multipart threshold, without its transfer manager's
+# threads (a per-file cost that small files, e.g. a shard's Parquet, would pay for nothing).
+SINGLE_PUT_BYTES = 8 << 20
 # Bytes per read from an S3 response body: tar readers ask for 512-byte blocks.
 STREAM_BUFFER_SIZE = 1 << 20
 # Tries per S3 call, retries included (botocore "standard" mode: exponential backoff with jitter).
@@ -417,8 +420,11 @@ def put_file(local_file: str, path: str) -> None:
     if is_remote(path):
         bucket, key = _bucket_key(path)
         with _s3_errors("upload", path):
-            # Multipart above 8 MiB; the object appears only when the upload completes.
-            s3_client().upload_file(local_file, bucket, key)
+            if os.path.getsize(local_file) <= SINGLE_PUT_BYTES:
+                with open(local_file, "rb") as f:
+                    s3_client().put_object(Bucket=bucket, Key=key, Body=f)
+            else:  # multipart: the object appears only when the upload completes
+                s3_client().upload_file(local_file, bucket, key)
         os.remove(local_file)
         return
     target = Path(path)
@@ -521,12 +527,14 @@ def list_files(folder: str, suffix: str = "", name_prefix: str = "") -> list[str
         pages = s3_client().get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=directory + name_prefix, Delimiter="/",
             PaginationConfig={"PageSize": LIST_PAGE_SIZE})
-        keys = []
+        paths = []
         with _s3_errors("list", folder):
             for page in pages:
                 _count("list")
-                keys += [obj["Key"] for obj in page.get("Contents", [])]
-        return sorted(f"s3://{bucket}/{k}" for k in keys if k.endswith(suffix) and k != directory)
+                paths += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])
+                          if obj["Key"].endswith(suffix) and obj["Key"] != directory]
+        paths.sort()
+        return paths
     _count("list")
     try:
         entries = os.scandir(folder or ".")
@@ -566,17 +574,25 @@ def probe_conditional_writes(folder: str) -> str | None:
 # --- input specs -----------------------------------------------------------------------------
 
 def expand_inputs(spec: str) -> list[str]:
-    """Sorted input shard paths from a folder, glob, brace range or s3:// prefix (all `.tar`).
+    """Sorted input shard paths from a folder, glob, brace range or s3:// prefix (all `.tar`)."""
+    return list_inputs(spec)[0]
+
+
+def list_inputs(spec: str) -> tuple[list[str], list[set[str]]]:
+    """`expand_inputs`, and the listings it made, each the full paths of the files in one folder (the files
+    img2dataset writes beside each shard, to be looked up without listing the folder again).
 
     One listing per folder, however many names a brace range expands to: O(folders) requests and
-    time linear in the names.
+    time linear in the names. Folders in which a local glob matched are not listed.
     """
     listings: dict[str, set[str]] = {}
     found: set[str] = set()
     for pattern in braceexpand(spec):  # '{00000..00099}' and '{a,b}', zero padding kept, as webdataset
         remote = is_remote(pattern)
         if not _GLOB_CHARS.search(pattern) and not pattern.endswith(".tar") and (remote or os.path.isdir(pattern)):
-            found.update(list_files(pattern, ".tar"))
+            if pattern not in listings:
+                listings[pattern] = set(list_files(pattern))
+            found.update(p for p in listings[pattern] if p.endswith(".tar"))
             continue
         folder, name = pattern.rsplit("/", 1) if remote else os.path.split(pattern)
         if _GLOB_CHARS.search(folder):
@@ -592,4 +608,4 @@ def expand_inputs(spec: str) -> list[str]:
             found.add(join(folder, name))
     if not found:
         raise ValueError(f"no input shards match {spec!r}")
-    return sorted(found)
+    return sorted(found), list(listings.values())

@@ -3,7 +3,9 @@
 Per shard, in order: take the claim (another live driver's shard waits), check that no ledger of the
 target generation exists (another driver may have finished it meanwhile), send it to a worker with
 the claim's token (the worker checks it right before its commit), release the claim after the
-answer. Failures:
+answer. The storage requests of the first two steps and of the release run on a small thread pool
+beside the loop, for the next tasks while the workers are busy: the loop itself makes no storage
+request per shard, which keeps a driver's rate from being one S3 round trip after another. Failures:
 - an attempt that fails is charged and re-queued up to `max_attempts`, then the shard is reported
   failed; a failure the worker says was not the shard's doing (its engine died while the shard only
   waited) is re-queued uncharged; an input the reader refuses (`InputError`) fails at once;
@@ -26,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from dataset import storage
@@ -36,6 +39,8 @@ from recaption.pool import Event, Pool
 
 PERMANENT_ERRORS = ("InputError",)     # the reader refused the shard: retrying cannot help
 MIN_DURATIONS = 3                      # committed shards needed before deadlines and speculation apply
+DURATION_WINDOW = 1000                 # deadlines and speculation follow the median of the latest shard times
+REQUEST_THREADS = 16                   # claims taken and released beside the loop (one or two round trips each)
 
 
 @dataclass(frozen=True)
@@ -62,15 +67,17 @@ class Scheduler:
         self.name, self.store, self.claims, self.pool = name, store, claims, pool
         self.progress, self.config = progress, config
         self.pending: deque[ShardTask] = deque(tasks)
+        self.claiming: deque[tuple[ShardTask, Future]] = deque()   # the next tasks, their claims being taken
         self.waiting: list[ShardTask] = []            # claimed by another live driver
         self.running: dict[str, Running] = {}
         self.failed: dict[str, list[str]] = {}
         self.errors: dict[str, list[str]] = {}        # earlier attempts' errors, by shard
-        self.durations: list[float] = []              # seconds of the shards this run committed
+        self.durations: deque[float] = deque(maxlen=DURATION_WINDOW)   # seconds of the latest shards committed
         self.lost: queue.Queue[str] = queue.Queue()   # claims taken over, from the renewal thread
         self.stop = threading.Event()
         self.last_recheck = 0.0
         self.on_tick: Callable[[], None] = lambda: None   # e.g. print progress
+        self.requests = ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix=f"{name}-claims")
 
     def say(self, text: str, error: bool = False) -> None:
         print(f"[{self.name}] {text}", file=sys.stderr if error else sys.stdout, flush=True)
@@ -80,38 +87,69 @@ class Scheduler:
     def run(self) -> None:
         self.claims.start_renewing(self.lost.put)
         poll = min(2.0, self.config.claim_ttl / 8)
-        while (self.pending or self.running or self.waiting) and not self.stop.is_set():
-            if not self.pool.ready_workers and not self.progress.done:
-                self.progress.restart_clock()
-            self.handle_lost()
-            self.dispatch()
-            if self.running:
-                for event in self.pool.wait(poll):
-                    self.on_event(event)
-                self.check_deadlines()
-                self.speculate()
-            else:
-                self.pool.wait(poll)   # starts workers and notices deaths
-            if self.waiting and time.time() - self.last_recheck >= self.config.claim_ttl / 4:
-                self.recheck_waiting()
-            self.on_tick()
+        try:
+            while (self.pending or self.claiming or self.running or self.waiting) and not self.stop.is_set():
+                if not self.pool.ready_workers and not self.progress.done:
+                    self.progress.restart_clock()
+                self.handle_lost()
+                self.dispatch()
+                if self.running:
+                    for event in self.pool.wait(poll):
+                        self.on_event(event)
+                    self.check_deadlines()
+                    self.speculate()
+                else:
+                    self.pool.wait(poll)   # starts workers and notices deaths
+                if self.waiting and time.time() - self.last_recheck >= self.config.claim_ttl / 4:
+                    self.recheck_waiting()
+                self.on_tick()
+        finally:
+            self.requests.shutdown()   # claims being taken are held before the caller releases every claim
+            self.pending.extendleft(task for task, _ in reversed(self.claiming))
+            self.claiming.clear()
+
+    def ahead(self) -> int:
+        """Tasks to claim ahead of the free slots: as many as the pool holds at once, and one for each thread."""
+        return self.pool.sizing.workers * self.pool.config.tasks_per_worker + REQUEST_THREADS
+
+    def claim_ahead(self) -> None:
+        while self.pending and len(self.claiming) < self.ahead() and not self.stop.is_set():
+            task = self.pending.popleft()
+            self.claiming.append((task, self.requests.submit(self.take, task)))
 
     def dispatch(self) -> None:
-        while self.pending and self.pool.free_slots() and not self.stop.is_set():
-            task = self.pending.popleft()
-            token = self.claims.acquire(task.shard)
+        """Send claimed tasks to free slots, in order; settle those another driver holds or committed."""
+        self.claim_ahead()
+        while self.claiming and not self.stop.is_set():
+            task, taken = self.claiming[0]
+            if not taken.done() and not self.pool.free_slots():
+                break
+            token, committed = taken.result()   # taken while the workers were busy, as a rule
+            if token is not None and not committed and not self.pool.free_slots():
+                break
+            self.claiming.popleft()
             if token is None:
                 self.waiting.append(task)
-                continue
-            if self.committed(task):
-                self.claims.release(task.shard)
+            elif committed:
                 self.progress.total -= 1
-                continue
-            if task.attempt > 1:  # an earlier attempt of ours may have left files behind
-                self.store.clean_leftovers(task.shard)
-            task = replace(task, claim_token=token)
-            self.running[task.shard] = Running(task, time.time())
-            self.pool.submit(task)
+            else:
+                task = replace(task, claim_token=token)
+                self.running[task.shard] = Running(task, time.time())
+                self.pool.submit(task)
+        self.claim_ahead()
+
+    def take(self, task: ShardTask) -> tuple[str | None, bool]:
+        """Beside the loop: the claim (token None: another live driver holds it), then whether the ledger this
+        task would create exists (then the claim is released); for a retry, our earlier attempts' files go."""
+        token = self.claims.acquire(task.shard)
+        if token is None:
+            return None, False
+        if self.committed(task):
+            self.claims.release(task.shard)
+            return token, True
+        if task.attempt > 1:  # an earlier attempt of ours may have left files behind
+            self.store.clean_leftovers(task.shard)
+        return token, False
 
     def committed(self, task: ShardTask) -> bool:
         """The ledger this task would create exists already (another driver committed the shard)."""
@@ -122,8 +160,8 @@ class Scheduler:
         have gone stale)."""
         self.last_recheck = time.time()
         waiting, self.waiting = self.waiting, []
-        for task in waiting:
-            if self.committed(task):
+        for task, committed in zip(waiting, self.requests.map(self.committed, waiting)):
+            if committed:
                 self.progress.total -= 1
             else:
                 self.pending.append(task)
@@ -163,7 +201,7 @@ class Scheduler:
 
     def settle(self, shard: str) -> None:
         self.running.pop(shard, None)
-        self.claims.release(shard)
+        self.requests.submit(self.claims.release, shard)   # the shard is done: nothing waits for this
 
     def settle_lost(self, run: Running) -> None:
         """Another driver committed the shard first, or took its claim over (it owns the shard now)."""
@@ -187,7 +225,7 @@ class Scheduler:
         if permanent or task.attempt >= self.config.max_attempts:
             self.failed[task.shard] = errors
             self.progress.failed += 1
-            self.claims.release(task.shard)
+            self.requests.submit(self.claims.release, task.shard)
             tries = "its input is refused" if permanent else f"after {task.attempt} attempts"
             self.say(f"shard {task.shard} failed {tries}: {error}", error=True)
             return

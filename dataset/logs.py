@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ class LogFile:
         self.path = local_log_dir(out) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handler: logging.Handler | None = None
+        self.synced = float("-inf")
 
     @property
     def shown(self) -> str:
@@ -83,10 +85,12 @@ class LogFile:
             self.handler.close()
             self.handler = None
 
-    def sync(self) -> None:
-        """Copy the local file to OUT/_logs/ when the output is remote (best effort: logs are not data)."""
-        if not storage.is_remote(self.out):
+    def sync(self, every: float = 0.0) -> None:
+        """Copy the local file to OUT/_logs/ when the output is remote (best effort: logs are not data);
+        `every`: not again within that many seconds (a worker syncs after each shard, its log only grows)."""
+        if not storage.is_remote(self.out) or time.monotonic() - self.synced < every:
             return
+        self.synced = time.monotonic()
         try:
             storage.write_bytes(self.shown, self.path.read_bytes())
         except OSError as e:

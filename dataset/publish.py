@@ -40,8 +40,7 @@ from dataset import hub, outputs, storage
 from dataset.card import CardInfo, ScoreInfo, render_card
 from dataset.destinations import open_destination, upload_line
 from dataset.outputs import ROW_SCHEMA
-from dataset.stats import LengthStats
-from scoring.scores import (
+from dataset.scores import (
     SCORE_COLUMNS,
     SCORE_SCHEMA,
     ScoreCoverage,
@@ -50,6 +49,7 @@ from scoring.scores import (
     score_store,
     scores_to_join,
 )
+from dataset.stats import LengthStats
 
 # Recap-DataComp-1B's columns first, in its order and types (its tools and img2dataset commands name
 # them), then ours.

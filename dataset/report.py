@@ -28,9 +28,9 @@ from PIL import Image
 
 from dataset import outputs, storage
 from dataset.card import describe_config
+from dataset.scores import SCORE_COLUMNS, ScoreCoverage, ScoreLookup, coverage, describe_scorer, score_store
 from dataset.stats import LengthStats
 from dataset.wds import iter_samples
-from scoring.scores import SCORE_COLUMNS, ScoreCoverage, ScoreLookup, coverage, describe_scorer, score_store
 
 THUMB_PX = 192
 SCORE_EXTREMES = 6     # lowest and highest re_clip_score rows shown

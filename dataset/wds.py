@@ -15,12 +15,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from webdataset import TarWriter
-
 from dataset import outputs, storage
 from dataset.destinations import open_destination, upload_line
 from dataset.reader import IMAGE_EXTS
-from scoring.scores import ScoreLookup, score_store, scores_to_join
+from dataset.scores import ScoreLookup, score_store, scores_to_join
 
 
 def iter_samples(path: str, limit: int | None = None) -> Iterator[dict]:
@@ -137,6 +135,8 @@ def export_wds(input_dir: str, dest: str, config: WdsExportConfig | None = None,
         for shard in shards:
             shard_scores = ScoreLookup(score_store(run.output), found.current[shard]).by_key() if found else {}
             local, count = os.path.join(tmp, names[shard]), 0
+            from webdataset import TarWriter  # here, not at import: webdataset imports torch (drivers import us)
+
             with TarWriter(local, encoder=False, mode=0o644, mtime=int(time.time())) as tar:
                 for sample in iter_samples(run.wds(shard)):
                     if found and sample["key"] not in shard_scores:

@@ -7,6 +7,8 @@ import time
 from recaption.cost import Projection, Rates, hours, project
 from recaption.pool import Sizing
 
+DUE_GAP_SECONDS = 5.0
+
 
 class Progress:
     """Counts over the shards this run committed; `line()` is printed at most every `every` seconds."""
@@ -50,8 +52,11 @@ class Progress:
                 f"ETA {eta_text}{cost}")
 
     def should_print(self, force: bool = False) -> bool:
+        """Every `every` seconds, and when a shard finished unless a line went out in the last few seconds
+        (at thousands of shards an hour, a line per shard would bury everything else)."""
         now = time.time()
-        if force or self.due or now - self.last_print >= self.every:
+        since = now - self.last_print
+        if force or (self.due and since >= min(self.every, DUE_GAP_SECONDS)) or since >= self.every:
             self.last_print, self.due = now, False
             return True
         return False

@@ -49,6 +49,8 @@ log = logging.getLogger("recaption.worker")
 FAULT_ENV = "OPENVISION_FAULT_ENGINE"
 # Most requests a window may hold by default; memory is one prepared image per request.
 MAX_DEFAULT_WINDOW = 2048
+# A worker writing to S3 copies its (growing) log there after a shard at most this often, and when it exits.
+LOG_SYNC_SECONDS = 60.0
 
 
 class EngineDied(RuntimeError):
@@ -227,7 +229,7 @@ class CaptionWorker:
                 self.feeds.pop(task.shard, None)
                 self.active_calls -= 1
             if self.log:
-                self.log.sync()
+                self.log.sync(every=LOG_SYNC_SECONDS)
 
     def status(self) -> dict:
         """Shards by state ('reading', 'generating', 'writing') and the engine's time so far."""

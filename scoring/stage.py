@@ -2,7 +2,7 @@
 
 For every ok row of a committed recaption shard, the cosine of its image with `re_caption` and with
 `org_caption` under one open_clip model (scoring/clip.py), written as one Parquet file per shard
-(scoring/scores.py has the layout) and committed through the output contract: an attempt writes its
+(dataset/scores.py has the layout) and committed through the output contract: an attempt writes its
 file under a name no other attempt uses, then creates the shard's score ledger exclusively; claims
 live under the stage's own folder. Images come from the shard's committed `wds/` tar, or from its
 input tar when the run wrote no WDS (`--no-wds`).
@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 from dataset import claims, outputs
 from dataset.outputs import Output
 from dataset.reader import ShardReader
+from dataset.scores import SCORE_SCHEMA, is_current, latest_ledgers, register_scorer, score_store
 from dataset.wds import iter_samples
 from recaption.images import ImageError, prepare_image
 from scoring.clip import ClipModelSpec
-from scoring.scores import SCORE_SCHEMA, is_current, latest_ledgers, register_scorer, score_store
 
 if TYPE_CHECKING:
     from scoring.clip import ClipScorer

@@ -22,11 +22,11 @@ from real_run import HOSTILE_CAPTIONS, real_run
 
 from dataset import publish, storage
 from dataset.outputs import Output
+from dataset.scores import ScoresIncomplete
 from dataset.synthetic import finished_runs
 from dataset.wds import takes_recaption
 from pipelines import publish as publish_cli
 from scoring.clip import ClipModelSpec
-from scoring.scores import ScoresIncomplete
 from scoring.stage import ScoreConfig, ScoreTask, ScoreWorker, run_stage
 from scoring.tiny import build_tiny_clip
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import storage
+from dataset import scores, storage
 from dataset.outputs import Output, load_finished
 from dataset.synthetic import finished_runs
 from pipelines import score as score_cli
-from scoring import scores, stage
+from scoring import stage
 from scoring.clip import ClipModelSpec
 from scoring.stage import ScoreConfig, ScoreTask, ScoreWorker, run_stage
 from scoring.tiny import build_tiny_clip
@@ -153,7 +153,7 @@ sys.path.insert(0, {root!r})
 from dataset.claims import Claims
 from dataset.outputs import Attempt, Output
 from scoring.clip import ClipModelSpec
-from scoring.scores import score_store
+from dataset.scores import score_store
 from scoring.stage import ScoreTask, ScoreWorker
 
 def die(self, ledger, generation=0):  # killed after the file is written, before the ledger exists

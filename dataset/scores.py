@@ -9,7 +9,7 @@ version (fingerprint) has its own scores:
 
 A shard's scores are current when its latest score ledger's `source` is the shard's latest recaption
 commit (generation and attempt id): a `--retry-errors` generation makes them stale until rescored.
-This module only reads (no torch); scoring/stage.py writes.
+This module only reads (no torch): publish and the report join what scoring/stage.py writes.
 """
 from __future__ import annotations
 

@@ -61,6 +61,7 @@ def download(url_list: str, output: str, *, processes: int = 1, threads: int = 6
              distributor: str = "multiprocessing", log_file: Path | None = None, **overrides) -> DownloadSummary:
     """Run img2dataset with DATACOMP_SETTINGS (any img2dataset argument may be overridden); its own
     progress output goes to `log_file` when one is given."""
+    check_url_list(url_list)
     # img2dataset imports albumentations, which otherwise asks PyPI for updates in every worker.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download as img2dataset_download
@@ -72,6 +73,15 @@ def download(url_list: str, output: str, *, processes: int = 1, threads: int = 6
         img2dataset_download(url_list=url_list, output_folder=output, processes_count=processes,
                              thread_count=threads, distributor=distributor, **settings)
     return summarize(output)
+
+
+def check_url_list(url_list: str) -> None:
+    """Refuse, before img2dataset starts, a url list that is neither a metadata file nor a folder of them."""
+    if storage.list_files(url_list, ".parquet"):
+        return
+    is_file = storage.exists(url_list) if storage.is_remote(url_list) else Path(url_list).is_file()
+    if not is_file:
+        raise FileNotFoundError(f"{url_list}: neither a metadata parquet file nor a folder holding any")
 
 
 def summarize(output: str) -> DownloadSummary:

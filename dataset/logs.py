@@ -7,6 +7,7 @@ file and copies it to OUT/_logs/ when it syncs (after each shard, and before a w
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dataset import storage
@@ -24,6 +25,27 @@ LIBRARIES = ("ray", "vllm", "transformers", "torch", "huggingface_hub", "dataset
 # Environment that keeps libraries from writing to the console before our handlers exist.
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0",
              "TQDM_DISABLE": "1"}
+
+
+TRACEBACK_ENV = "OPENVISION_TRACEBACK"   # set to 1: a command's error shows its traceback too
+
+
+def one_line_errors(command: str) -> Callable[[Callable], Callable]:
+    """Decorate an entry point's `main`: a ValueError (flags or input that cannot work; our input errors are
+    ValueErrors) or an OSError (a missing file, storage that failed after its retries) ends the command with
+    `[command] error: ...` on stderr and exit status 2, not a traceback. `OPENVISION_TRACEBACK=1` re-raises."""
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def guarded(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except (ValueError, OSError) as e:
+                if os.environ.get(TRACEBACK_ENV):
+                    raise
+                print(f"[{command}] error: {e} ({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+        return guarded
+    return decorate
 
 
 def local_log_dir(out: str) -> Path:

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from dataset import outputs
 from dataset.ingest import download
+from dataset.logs import one_line_errors
 from dataset.publish import publish
 from dataset.report import write_report
 from dataset.synthetic.web import serving, write_metadata
@@ -51,6 +52,7 @@ def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
+@one_line_errors("demo")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes (rebuilt each run)")

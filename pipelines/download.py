@@ -12,10 +12,12 @@ import argparse
 from pathlib import Path
 
 from dataset import ingest
+from dataset.logs import one_line_errors
 
 D, T = ingest.DATACOMP_SETTINGS, ingest.Throughput
 
 
+@one_line_errors("download")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url-list", required=True,

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from dataset.logs import one_line_errors
 from train.evaluate import CLASSNAME_SETS, Evaluator, evaluate
 
 
+@one_line_errors("evaluate")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")

@@ -11,9 +11,11 @@ import _bootstrap  # noqa: F401  (first: the repository's packages, not pipeline
 
 import argparse
 
+from dataset.logs import one_line_errors
 from train.export import FORMATS, export, export_timm
 
 
+@one_line_errors("export")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")

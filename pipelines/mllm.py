@@ -22,6 +22,7 @@ import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from dataset.logs import one_line_errors
 from train.mllm.conversation import TEMPLATES
 from train.mllm.evaluate import METRICS, PROMPTS, EvalConfig, run_eval
 from train.mllm.model import MLLMConfig
@@ -125,6 +126,7 @@ def run_with_ray(config: dict, workers: int) -> None:
     trainer.fit()
 
 
+@one_line_errors("mllm")
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.command == "eval":

@@ -20,10 +20,12 @@ import _bootstrap  # noqa: F401  (first: the repository's packages, not pipeline
 import argparse
 
 from dataset import publish, wds
+from dataset.logs import one_line_errors
 from dataset.publish import MB, PublishConfig
 from dataset.wds import TEXT_CHOICES, WdsExportConfig
 
 
+@one_line_errors("publish")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="recaption output folder OUT (local or s3://)")

@@ -14,6 +14,7 @@ import json
 import sys
 
 from dataset import reader
+from dataset.logs import one_line_errors
 from recaption.driver import RunConfig, run
 from recaption.engines import EngineConfig, SamplingConfig
 from recaption.images import ImageConfig
@@ -144,13 +145,9 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                      gpu_hour_price=a.gpu_hour_price, verbose=a.verbose)
 
 
+@one_line_errors("recaption")
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = config_from_args(parse_args(argv))
-    except ValueError as e:  # a config that cannot work, e.g. --engine-kwargs repeating a flag
-        print(f"[recaption] error: {e}", file=sys.stderr)
-        return 2
-    return run(cfg)
+    return run(config_from_args(parse_args(argv)))  # a config that cannot work ends in one line, exit 2
 
 
 if __name__ == "__main__":

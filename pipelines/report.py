@@ -12,9 +12,11 @@ import _bootstrap  # noqa: F401  (first: the repository's packages, not pipeline
 import argparse
 
 from dataset import report
+from dataset.logs import one_line_errors
 from dataset.report import ReportConfig
 
 
+@one_line_errors("report")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="recaption output folder OUT (local or s3://)")

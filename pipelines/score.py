@@ -16,6 +16,7 @@ import _bootstrap  # noqa: F401  (first: the repository's packages, not pipeline
 import argparse
 import sys
 
+from dataset.logs import one_line_errors
 from scoring.stage import ScoreConfig, run_stage
 
 
@@ -54,6 +55,7 @@ def run(config: ScoreConfig) -> int:
     return 1 if summary["failed"] else 0
 
 
+@one_line_errors("score")
 def main(argv: list[str] | None = None) -> int:
     return run(parse_args(argv))
 

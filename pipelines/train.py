@@ -22,6 +22,7 @@ import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from dataset.logs import one_line_errors
 from train.data import expand_urls, read_captions
 from train.loop import TrainConfig, train
 from train.model import LOSSES, OBJECTIVES, SIZES
@@ -127,6 +128,7 @@ def build_tokenizer(data: str, out: str) -> None:
     print(f"wrote {out}: {tokenizer.vocab_size} tokens")
 
 
+@one_line_errors("train")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.build_tokenizer:

@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataset.logs import one_line_errors
 from recaption.llava_original import (
     EMBEDDED_VISION,
     ConversionError,
@@ -342,6 +343,7 @@ def _readable_like_new_files(folder: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
+@one_line_errors("convert")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="original LLaVA checkpoint folder or Hub id (config.json + weights)")
@@ -353,11 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-bytes", type=int, default=ConvertConfig.shard_bytes,
                    help="largest output safetensors file, in bytes")
     a = p.parse_args(argv)
-    try:
-        out = convert(ConvertConfig(a.src, a.out, a.vision_tower, a.tokenizer, a.shard_bytes))
-    except ConversionError as e:
-        raise SystemExit(f"convert: {e}") from None
-    print(out)
+    print(convert(ConvertConfig(a.src, a.out, a.vision_tower, a.tokenizer, a.shard_bytes)))
 
 
 if __name__ == "__main__":

@@ -42,14 +42,18 @@ class Progress:
         return project(round(self.images / self.done * self.input_shards), rates.images_per_s, sizing.workers,
                        sizing.gpus, price)
 
-    def line(self, rates: Rates, projection: Projection | None) -> str:
-        elapsed = max(time.time() - self.start, 1e-9)
+    def eta(self) -> str:
+        """Time left (H:MM:SS) at the pace of the shards finished so far; '?' before the first."""
         finished = self.done + self.failed
-        eta = (self.total - finished) * elapsed / finished if finished else float("nan")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
+        if not finished:
+            return "?"
+        left = (self.total - finished) * max(time.time() - self.start, 0.0) / finished
+        return time.strftime("%H:%M:%S", time.gmtime(left))
+
+    def line(self, rates: Rates, projection: Projection | None) -> str:
         cost = f" | {hours(projection.gpu_hours)} {projection.unit} for the input" if projection else ""
         return (f"[{self.name}] shards {self.done}/{self.total} done, {self.failed} failed | {rates.line()} | "
-                f"ETA {eta_text}{cost}")
+                f"ETA {self.eta()}{cost}")
 
     def should_print(self, force: bool = False) -> bool:
         """Every `every` seconds, and when a shard finished unless a line went out in the last few seconds

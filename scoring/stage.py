@@ -326,7 +326,8 @@ def run_stage(config: ScoreConfig, *, progress_every: float = 30.0, verbose: boo
 
         def tick() -> None:
             if progress.should_print():
-                say(f"shards {progress.done}/{progress.total} scored, {progress.failed} failed")
+                say(f"shards {progress.done}/{progress.total} scored, {progress.failed} failed | "
+                    f"{progress.rates({}).images_per_s:.1f} images/s | ETA {progress.eta()}")
 
         scheduler.on_tick = tick
         summary["stopped"] = run_to_the_end(scheduler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,10 +90,12 @@ def reference_cosines(out: str, reference_model, rows: list[dict], shard: str) -
 
 
 @pytest.mark.slow  # a local Ray and a scoring actor
-def test_scores_are_open_clips_cosines_one_per_ok_row(tmp_path, clip_dir, reference_model):
+def test_scores_are_open_clips_cosines_one_per_ok_row(tmp_path, clip_dir, reference_model, capsys):
     out = finished(tmp_path / "out")
-    summary = run_stage(config(out, clip_dir))
+    summary = run_stage(config(out, clip_dir), progress_every=0)
     assert summary["committed"] == SHARDS and summary["failed"] == {}
+    assert re.search(rf"\[score\] shards {SHARDS}/{SHARDS} scored, 0 failed \| [0-9.]+ images/s \| ETA 00:00:00\n",
+                     capsys.readouterr().out), "the progress line"
     got, want = committed_scores(out), ok_rows(out)
     assert sorted(got) == sorted(want)
     tokenizer = reference_model[2]

@@ -184,7 +184,8 @@ def plan_lines(plan: Plan, dest: str) -> list[str]:
              *(f"  skipped {shard}: {reason}" for shard, reason in run.skipped),
              f"rows: {run.total('ok'):,} ok to publish, {run.total('error'):,} error rows left out",
              f"destination {dest}:"]
-    lines += [f"  {f.path}  ~{human_bytes(f.estimated_bytes)} from {len(f.shards)} shards with ok rows" for f in plan.train]
+    lines += [f"  {f.path}  ~{human_bytes(f.estimated_bytes)} from {len(f.shards)} shards with ok rows"
+              for f in plan.train]
     lines += [f"  {plan.preview}  {min(PREVIEW_ROWS, run.total('ok')):,} rows", "  README.md"]
     lines.append(upload_line(dest, len(plan.train) + 2))
     return lines

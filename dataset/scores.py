@@ -163,4 +163,5 @@ def scores_to_join(run: outputs.FinishedRun, shards: list[str], wanted: bool) ->
             f"{len(missing)} do not (first: {', '.join(missing[:5])}). Finish scoring with "
             f"`python pipelines/score.py --input {run.out}` and {describe_scorer(found.scorer)}, "
             "or leave the scores out (--no-scores).")
-    return found, f"CLIP scores: joined for all {len(shards)} shards with ok rows, model {describe_scorer(found.scorer)}"
+    return found, (f"CLIP scores: joined for all {len(shards)} shards with ok rows, "
+                   f"model {describe_scorer(found.scorer)}")

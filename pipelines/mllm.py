@@ -18,18 +18,16 @@ import _bootstrap  # noqa: F401  (first: the repository's packages, not pipeline
 
 import argparse
 import json
-import os
 from dataclasses import asdict, fields
-from pathlib import Path
 
 from dataset.logs import one_line_errors
+from train.distributed import fit_with_ray
 from train.mllm.conversation import TEMPLATES
 from train.mllm.evaluate import METRICS, PROMPTS, EvalConfig, run_eval
 from train.mllm.model import MLLMConfig
 from train.mllm.projector import PROJECTORS
 from train.mllm.train import STAGE1, STAGE2, StageConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
 E = EvalConfig(model="", questions="", answers="")
 M = MLLMConfig(lm="", tower="")
 
@@ -112,20 +110,6 @@ def run_stage(config: dict) -> None:
     train(StageConfig(**config))
 
 
-def run_with_ray(config: dict, workers: int) -> None:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if "RAY_ADDRESS" not in os.environ:  # a local instance: let its workers import this repository
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    trainer = TorchTrainer(run_stage, train_loop_config=config,
-                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-                           run_config=RunConfig(storage_path=str(Path(config["out"]).resolve() / "ray"), name="mllm"))
-    trainer.fit()
-
-
 @one_line_errors("mllm")
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
@@ -136,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return result
     cfg = stage_config(args)
     if args.ray_workers:
-        run_with_ray(asdict(cfg), args.ray_workers)
+        fit_with_ray(run_stage, asdict(cfg), args.ray_workers, cfg.out, "mllm")
     else:
         train(cfg)
     return None

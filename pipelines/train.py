@@ -18,18 +18,16 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (first: the repository's packages, not pipelines/, on sys.path)
 
 import argparse
-import os
 from dataclasses import asdict, fields
-from pathlib import Path
 
 from dataset.logs import one_line_errors
 from train.data import expand_urls, read_captions
+from train.distributed import fit_with_ray
 from train.loop import TrainConfig, train
 from train.model import LOSSES, OBJECTIVES, SIZES
 from train.recipes import run_stages
 from train.tokenizer import CaptionTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 D = TrainConfig(data="", out="")
 TOKENIZER_SAMPLES = 1_000_000  # captions of this many samples train --build-tokenizer's vocabulary
 
@@ -107,21 +105,6 @@ def run(config: dict) -> None:
         train(cfg)
 
 
-def run_with_ray(config: dict, workers: int) -> None:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if "RAY_ADDRESS" not in os.environ:  # a local instance: let its workers import this repository
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    out = Path(config["train"]["out"]).resolve()
-    trainer = TorchTrainer(run, train_loop_config=config,
-                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-                           run_config=RunConfig(storage_path=str(out / "ray"), name="train"))
-    trainer.fit()
-
-
 def build_tokenizer(data: str, out: str) -> None:
     tokenizer = CaptionTokenizer.train(read_captions(expand_urls(data), TOKENIZER_SAMPLES))
     tokenizer.save(out)
@@ -136,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     config = {"train": asdict(train_config(args)), "recipe": args.recipe, "stage": args.stage}
     if args.ray_workers:
-        run_with_ray(config, args.ray_workers)
+        fit_with_ray(run, config, args.ray_workers, args.out, "train")
     else:
         run(config)
 

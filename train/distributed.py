@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -82,3 +86,19 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def fit_with_ray(body: Callable[[dict], Any], config: dict, workers: int, out: str, name: str) -> None:
+    """Run `body(config)` on `workers` Ray Train workers (a GPU each when the cluster has GPUs), with Ray's
+    own files under OUT/ray/NAME; `body` joins the process group through `setup()`."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if "RAY_ADDRESS" not in os.environ:  # a local instance: let its workers import this repository
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(body, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+                           run_config=RunConfig(storage_path=str(Path(out).resolve() / "ray"), name=name))
+    trainer.fit()

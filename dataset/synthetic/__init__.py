@@ -6,6 +6,7 @@
 - `training_shards`: shards in the recaption job's `wds/` format for the trainer;
 - `web`: DataComp-like metadata and a loopback image server with failing routes;
 - `finished_runs`: a finished recaption output, written without a model.
+- `tokenizer`: the byte-level BPE tokenizer of the tiny random-weight models.
 
 `python -m dataset.synthetic --help` writes shards or metadata from the command line.
 """

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dataset.synthetic.shapes import COLORS, SHAPES, draw_shape, random_sample
+from dataset.synthetic.tokenizer import byte_level_bpe
 from train.mllm.conversation import IMAGE, SYSTEM, TEMPLATES
 from train.model import build_model, config_from_dict
 
@@ -33,16 +34,7 @@ def tokenizer_corpus() -> list[str]:
 
 
 def build_tokenizer(vocab_size: int = 600):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tokenizer_corpus(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return byte_level_bpe(tokenizer_corpus(), vocab_size, SPECIAL_TOKENS)
 
 
 def build_tiny_lm(out_dir: str | Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:

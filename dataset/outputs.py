@@ -363,15 +363,18 @@ class Attempt:
         storage.put_file(local_file, path)
         return entry
 
-    def commit(self, ledger: dict, generation: int = 0) -> bool:
+    def commit(self, ledger: dict, generation: int = 0, claim_token: str | None = None) -> bool:
         """Commit the files put so far by creating the shard's ledger of `generation` exclusively.
 
-        `shard`, `attempt_id`, `generation` and `files` are added to `ledger` (in place). False: another
-        attempt committed this generation first, and this attempt's files are deleted. An OSError means
+        With `claim_token` (the driver's claim on the shard), the claim is checked right before the create:
+        a claim taken over (a paused or partitioned writer) loses as well. `shard`, `attempt_id`,
+        `generation` and `files` are added to `ledger` (in place). False: another attempt committed this
+        generation first, or the claim is no longer ours; this attempt's files are deleted. An OSError means
         the storage could not say; then the files stay (the ledger may name them) until `sweep` decides.
         """
         ledger.update(shard=self.shard, attempt_id=self.attempt_id, generation=generation, files=dict(self.written))
-        if storage.put_if_absent(self.store.ledger_path(self.shard, generation), _dump(ledger)):
+        fenced = claim_token is None or claims.holds(self.store.base, self.shard, claim_token)
+        if fenced and storage.put_if_absent(self.store.ledger_path(self.shard, generation), _dump(ledger)):
             return True
         self.abandon()
         return False

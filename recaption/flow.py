@@ -18,7 +18,6 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from dataset import storage
-from dataset.claims import holds
 from dataset.outputs import ShardStore, WdsWriter, build_row, make_ledger, write_parquet
 from dataset.reader import InputSample, ShardReader, expected_samples
 from dataset.wds import iter_samples
@@ -36,7 +35,7 @@ class ShardTask:
     shard: str
     path: str
     attempt: int
-    claim_token: str | None          # the driver's claim; checked with holds() right before the commit
+    claim_token: str | None          # the driver's claim; checked right before the commit
     generation: int = 0              # ledger generation to create (retry-errors: latest + 1)
     retry_errors: bool = False       # re-caption only the error rows of the committed generation
     stats_path: str | None = None    # img2dataset's {shard}_stats.json: the samples the tar must hold
@@ -145,11 +144,7 @@ class ShardFlow:
                 self.wds.close()
                 self.attempt.put("wds", os.path.join(self.tmp, "samples.tar"), rows=samples)
             ledger = self._ledger(rows)
-            if self.task.claim_token is not None and not holds(self.store.base, self.task.shard,
-                                                               self.task.claim_token):
-                self.attempt.abandon()
-                return {"shard": self.task.shard, "outcome": "lost", "ledger": ledger}
-            committed = self.attempt.commit(ledger, self.task.generation)
+            committed = self.attempt.commit(ledger, self.task.generation, self.task.claim_token)
             return {"shard": self.task.shard, "outcome": "committed" if committed else "lost", "ledger": ledger}
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -202,10 +202,7 @@ def score_shard(output: Output, task: ScoreTask, scorer: ClipScorer, scorer_iden
         attempt.put(outputs.PARQUET_DIR, local, rows=len(rows))
     ledger = score_ledger(rows, output=output, recaption=recaption, scorer_identity=scorer_identity,
                           started_at=started_at, worker=worker)
-    if task.claim_token is not None and not claims.holds(store.base, task.shard, task.claim_token):
-        attempt.abandon()
-        return {"shard": task.shard, "outcome": "lost", "ledger": None}
-    if not attempt.commit(ledger, task.generation):
+    if not attempt.commit(ledger, task.generation, task.claim_token):
         return {"shard": task.shard, "outcome": "lost", "ledger": store.read_ledger(task.shard, task.generation)}
     return {"shard": task.shard, "outcome": "committed", "ledger": ledger}
 

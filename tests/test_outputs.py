@@ -70,6 +70,23 @@ def test_racing_commits_have_one_winner(root, tmp_path):
     assert listed(store) == [f"{kind}/00001.{winners[0]}.{ext}" for kind, ext in sorted(store.kinds.items())]
 
 
+def test_a_commit_under_a_claim_no_longer_ours_loses_and_removes_its_files(root, tmp_path):
+    store = Output.register(root, "fp1", {}, new_version=False).store
+    paused = Claims(store.base, "paused", ttl=60)
+    old_token = paused.acquire("00000")
+    late = attempt_with_files(store, "00000", tmp_path)
+    paused.release("00000")                                # the claim moves on while the attempt is not looking
+    new_token = Claims(store.base, "other", ttl=60).acquire("00000")
+    assert old_token and new_token and new_token != old_token
+
+    assert late.commit({"ok": 1}, claim_token=old_token) is False
+    assert not any(storage.exists(late.path(kind)) for kind in store.kinds)
+    assert store.read_ledger("00000") is None
+    owner = attempt_with_files(store, "00000", tmp_path)
+    assert owner.commit({"ok": 1}, claim_token=new_token) is True
+    assert store.read_ledger("00000")["attempt_id"] == owner.attempt_id
+
+
 def test_a_generation_commit_switches_the_whole_view_at_once(root, tmp_path):
     store = ShardStore(root, outputs.RECAPTION_KINDS)
     assert attempt_with_files(store, "00002", tmp_path).commit({"error": 3})

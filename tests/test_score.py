@@ -159,7 +159,7 @@ from scoring.clip import ClipModelSpec
 from dataset.scores import score_store
 from scoring.stage import ScoreTask, ScoreWorker
 
-def die(self, ledger, generation=0):  # killed after the file is written, before the ledger exists
+def die(self, ledger, generation=0, claim_token=None):  # killed after the file is written, before the ledger exists
     os.kill(os.getpid(), signal.SIGKILL)
 
 output = Output.open({out!r})

@@ -79,15 +79,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def fit_with_ray(body: Callable[[dict], Any], config: dict, workers: int, out: str, name: str) -> None:
     """Run `body(config)` on `workers` Ray Train workers (a GPU each when the cluster has GPUs), with Ray's
     own files under OUT/ray/NAME; `body` joins the process group through `setup()`."""

@@ -382,9 +382,3 @@ class CLIPS(nn.Module):
 
 def build_model(cfg: ModelConfig) -> CLIPS:
     return CLIPS(cfg)
-
-
-def vision_parameter_count(model: CLIPS, image_size: int) -> int:
-    """Vision-tower parameters as open_clip counts them (its position table is a parameter)."""
-    grid = image_size // model.cfg.patch_size
-    return sum(p.numel() for p in model.vision.parameters()) + (grid * grid + 1) * model.cfg.vision.width

@@ -77,6 +77,7 @@ class CardInfo:
     re_length: LengthStats
     samples: list[dict]
     scores: ScoreInfo | None = None
+    complete: bool = True          # every input shard of the version was committed when it was published
 
 
 def md_text(value) -> str:
@@ -221,7 +222,8 @@ def _how_made(info: CardInfo) -> list[str]:
                  f"used are not published (by reason: {md_text(reasons)}); {info.duplicates:,} duplicate keys "
                  "dropped"),
         ("shards", f"{info.shards:,} finished shards published; {info.skipped_shards:,} unfinished or from "
-                   "another run left out"),
+                   "another run left out" + ("" if info.complete else "; the recaption run was still going, so "
+                                             "this is part of the input")),
     ]
     if info.scores:
         s = info.scores

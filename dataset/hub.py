@@ -42,8 +42,8 @@ def token_status() -> str:
 class HubDestination:
     """Receives finished files (`put`: pre-uploaded at once), then commits them all in one commit (`finish`)."""
 
-    def __init__(self, dest: str, staging: str, *, public: bool = False, endpoint: str | None = None,
-                 log: Callable[[str], None] = print):
+    def __init__(self, dest: str, staging: str, switch_name: str, *, public: bool = False,
+                 endpoint: str | None = None, log: Callable[[str], None] = print):
         from huggingface_hub import HfApi
 
         self.repo_id, self.api, self.log = repo_id(dest), HfApi(endpoint=endpoint), log
@@ -59,6 +59,7 @@ class HubDestination:
         self.parent = info.sha   # the commit this publish builds on
         self.staging = Path(staging)   # the caller's temporary folder: regular files wait here for the commit
         self.additions: list = []
+        self.switch_name = switch_name
         self.commit: str | None = None
 
     def put(self, local_file: str, rel: str) -> None:
@@ -74,9 +75,12 @@ class HubDestination:
             os.remove(staged)
         self.additions.append(addition)
 
-    def finish(self, keep: set[str], is_managed: Callable[[str], bool]) -> list[str]:
-        """One commit: every file put, and the deletion of managed files not in `keep`; returns those."""
-        from huggingface_hub import CommitOperationDelete
+    def finish(self, switch: bytes, keep: set[str], is_managed: Callable[[str], bool]) -> list[str]:
+        """One commit: every file put, the switch file (the card, a manifest), and the deletion of managed files
+        not in `keep`; returns those."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        self.additions.append(CommitOperationAdd(path_in_repo=self.switch_name, path_or_fileobj=switch))
 
         remote = self.api.list_repo_files(self.repo_id, repo_type="dataset", revision=self.parent)
         stale = sorted(f for f in remote if is_managed(f) and f not in keep)

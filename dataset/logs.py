@@ -30,6 +30,11 @@ QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false
 TRACEBACK_ENV = "OPENVISION_TRACEBACK"   # set to 1: a command's error shows its traceback too
 
 
+def say(command: str, text: str, error: bool = False) -> None:
+    """One line of a command's own output: `[command] text`, on stderr for problems."""
+    print(f"[{command}] {text}", file=sys.stderr if error else sys.stdout, flush=True)
+
+
 def one_line_errors(command: str) -> Callable[[Callable], Callable]:
     """Decorate an entry point's `main`: a ValueError (flags or input that cannot work; our input errors are
     ValueErrors) or an OSError (a missing file, storage that failed after its retries) ends the command with
@@ -42,7 +47,7 @@ def one_line_errors(command: str) -> Callable[[Callable], Callable]:
             except (ValueError, OSError) as e:
                 if os.environ.get(TRACEBACK_ENV):
                     raise
-                print(f"[{command}] error: {e} ({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr, flush=True)
+                say(command, f"error: {e} ({TRACEBACK_ENV}=1 shows the traceback)", error=True)
                 raise SystemExit(2) from None
         return guarded
     return decorate
@@ -116,7 +121,7 @@ class LogFile:
         try:
             storage.write_bytes(self.shown, self.path.read_bytes())
         except OSError as e:
-            print(f"[recaption] could not copy the log {self.path} to {self.shown}: {e}", file=sys.stderr)
+            say("logs", f"could not copy the log {self.path} to {self.shown}: {e}", error=True)
 
 
 def quiet_environment() -> None:

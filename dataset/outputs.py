@@ -1,57 +1,45 @@
-"""The recaption output contract: versions, layout, rows, attempts, the commit protocol, and reading.
+"""The recaption stage's output contract: its kinds of file, the row schema, rows, ledgers, and the read side.
 
-Layout of an output OUT (a local folder or s3://bucket/prefix):
+A recaption output OUT (a local folder or s3://bucket/prefix) holds versions (dataset/versions.py); each
+version's shards are committed through the commit protocol (dataset/protocol.py, PROTOCOL.md):
 
-    _job.json                             {"current": FP, "versions": {FP: {"root", "caption_config", "created_at"}}}
-    BASE = OUT for the first fingerprint, OUT/versions/{FP} for each later one (--new-version):
-    BASE/parquet/{shard}.{attempt}.parquet  one row per input sample (ROW_SCHEMA)
-    BASE/wds/{shard}.{attempt}.tar          the samples that decoded, with both captions (for training)
-    BASE/_ledger/{shard}.json               generation 0 of the shard: THE commit point
-    BASE/_ledger/{shard}~{n}.json           generation n >= 1 (--retry-errors); the highest is the shard's state
-    BASE/_claims/{shard}.json               fenced claims (dataset/claims.py)
-    BASE/_run.json                          the last run's summary
-    BASE/{stage}/...                        extra column groups (e.g. clip_scores/) with the same shape
+    BASE/parquet/{shard}~{gen}.{attempt}.parquet  one row per input sample (ROW_SCHEMA), nothing dropped
+    BASE/wds/{shard}~{gen}.{attempt}.tar          the samples that decoded, with both captions (for training)
+    BASE/_ledger/{shard}[~{gen}].json             the commit: which files, their bytes and rows, the counts
+    BASE/_run.json                                the last run's summary
+    BASE/clip_scores/...                          the score stage (dataset/scores.py), the same shape
 
-The protocol (`ShardStore`, `Attempt`): an attempt writes its files under names no other attempt
-uses (`attempt` is 12 random characters), then commits by creating the shard's ledger exclusively;
-the ledger names the files (relative paths, bytes, rows). Exactly one attempt per generation wins;
-a loser deletes only its own files. Ledgers are never overwritten and data files a ledger names are
-never overwritten, so a reader that resolves files through the latest ledger sees one complete set.
-A listing of the data folders can show in-flight attempts while a job runs; `sweep` at the end of a
-run and `clean_leftovers` when a shard is taken remove what no latest ledger names.
+Readers go through ledgers only: `load_finished` for a version's committed shards, `wds_shards` for the
+training data of an output; a path or glob inside an output is resolved through its ledgers or refused.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
-import secrets
-import string
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataset import claims, storage
+from dataset import storage
+from dataset.protocol import Ledger, StoreListing
+from dataset.versions import JOB_FILE, VERSIONS_DIR, Output
 
 if TYPE_CHECKING:
     from dataset.reader import InputSample
 
-JOB_FILE, RUN_FILE = "_job.json", "_run.json"
-VERSIONS_DIR, LEDGER_DIR = "versions", "_ledger"
 PARQUET_DIR, WDS_DIR = "parquet", "wds"
 RECAPTION_KINDS = {PARQUET_DIR: "parquet", WDS_DIR: "tar"}   # kind (= folder) -> file extension
-ATTEMPT_ID = re.compile(r"[0-9a-z]{12}")
-LEDGER_READ_THREADS = 16   # ledgers are tiny; on S3 the latency of one GET each dominates
-REGISTER_TRIES = 20        # compare-and-swap rounds on _job.json before giving up
+PARQUET_ONLY = {PARQUET_DIR: "parquet"}                        # --no-wds
 
-log = logging.getLogger(__name__)
+
+def recaption_kinds(write_wds: bool) -> dict[str, str]:
+    return dict(RECAPTION_KINDS if write_wds else PARQUET_ONLY)
+
 
 # One row per input sample. Names follow Recap-DataComp-1B where they overlap.
 ROW_SCHEMA = pa.schema([
@@ -77,313 +65,8 @@ ROW_SCHEMA = pa.schema([
 ])
 
 
-class FingerprintMismatch(ValueError):
-    """The output holds another fingerprint's captions and the run did not ask for a new version."""
-
-
-def check_shard_name(shard: str) -> None:
-    """Shard names become file names: no '/', no '~' (ledger generations), not hidden, not empty."""
-    if not shard or "/" in shard or "~" in shard or shard.startswith(".") or shard != shard.strip():
-        raise ValueError(f"{shard!r} cannot name a shard's outputs: use names without '/', '~', "
-                         "leading dots or surrounding spaces")
-
-
-def _dump(record: dict) -> bytes:
-    return json.dumps(record, indent=1, sort_keys=True).encode()
-
-
 def _words(text: str | None) -> int:
     return len(text.split()) if text else 0
-
-
-# --- versions --------------------------------------------------------------------------------
-
-def _parse_job(path: str, data: bytes) -> dict:
-    try:
-        job = json.loads(data)
-        job["versions"][job["current"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a recaption job record ({e}); move it away or use another output") from e
-    return job
-
-
-@dataclass(frozen=True)
-class Output:
-    """One version of a recaption output: the fingerprint of its captions and the folder they live in."""
-    out: str
-    fingerprint: str
-    base: str
-    caption_config: dict = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def _version(cls, out: str, fingerprint: str, version: dict) -> Output:
-        base = storage.join(out, version["root"]) if version["root"] else out
-        return cls(out, fingerprint, base, version.get("caption_config") or {})
-
-    @classmethod
-    def open(cls, out: str, fingerprint: str | None = None) -> Output:
-        """The output's current version, or the one with `fingerprint`."""
-        path = storage.join(out, JOB_FILE)
-        current = storage.read_versioned(path)
-        if current is None:
-            raise FileNotFoundError(f"{out}: no {JOB_FILE}, so no recaption job has written here")
-        job = _parse_job(path, current.data)
-        fingerprint = fingerprint or job["current"]
-        if fingerprint not in job["versions"]:
-            raise ValueError(f"{out} has no version {fingerprint}; it has {', '.join(sorted(job['versions']))}")
-        return cls._version(out, fingerprint, job["versions"][fingerprint])
-
-    @classmethod
-    def register(cls, out: str, fingerprint: str, caption_config: dict, new_version: bool) -> Output:
-        """The version a run with `fingerprint` writes to, recorded in OUT/_job.json.
-
-        The first run creates the record (its version's root is OUT itself); a run with the current
-        fingerprint gets that version; another fingerprint raises FingerprintMismatch unless
-        `new_version`, which adds OUT/versions/{FP} (or returns to an earlier version of that
-        fingerprint) and makes it current. Earlier versions stay as they are, readable through
-        `Output.open(out, fingerprint)`.
-        """
-        path = storage.join(out, JOB_FILE)
-        for _ in range(REGISTER_TRIES):
-            current = storage.read_versioned(path)
-            if current is None:
-                version = {"root": "", "caption_config": caption_config, "created_at": time.time()}
-                if storage.put_if_absent(path, _dump({"current": fingerprint, "versions": {fingerprint: version}})):
-                    return cls._version(out, fingerprint, version)
-                continue
-            job = _parse_job(path, current.data)
-            if job["current"] == fingerprint:
-                return cls._version(out, fingerprint, job["versions"][fingerprint])
-            if not new_version:
-                raise FingerprintMismatch(_mismatch(out, job, fingerprint))
-            version = job["versions"].get(fingerprint) or {
-                "root": f"{VERSIONS_DIR}/{fingerprint}", "caption_config": caption_config, "created_at": time.time()}
-            updated = {"current": fingerprint, "versions": {**job["versions"], fingerprint: version}}
-            if storage.put_if_match(path, _dump(updated), current.etag) is not None:
-                return cls._version(out, fingerprint, version)
-        raise OSError(f"{path}: still changing after {REGISTER_TRIES} tries; are many jobs starting on {out}?")
-
-    @property
-    def store(self) -> ShardStore:
-        """The recaption stage: Parquet and WDS files per shard."""
-        return ShardStore(self.base, RECAPTION_KINDS)
-
-    def stage(self, name: str) -> ShardStore:
-        """An extra column group with its own per-shard Parquet files and ledgers, e.g. 'clip_scores'."""
-        return ShardStore(storage.join(self.base, name), {PARQUET_DIR: "parquet"})
-
-    @property
-    def run_path(self) -> str:
-        return storage.join(self.base, RUN_FILE)
-
-
-def _mismatch(out: str, job: dict, fingerprint: str) -> str:
-    current = job["current"]
-    model = job["versions"][current].get("caption_config", {}).get("model")
-    if fingerprint in job["versions"]:
-        return (f"{out} holds captions with fingerprint {current} (model {model}); this run's fingerprint "
-                f"{fingerprint} is an earlier version of it. Use --new-version to make it current again.")
-    return (f"{out} holds captions with fingerprint {current} (model {model}); this run's is {fingerprint}. "
-            f"Use another --output, or --new-version to caption into {out}/{VERSIONS_DIR}/{fingerprint} "
-            "and keep the current version readable.")
-
-
-# --- the commit protocol ---------------------------------------------------------------------
-
-def _ledger_name(shard: str, generation: int) -> str:
-    return f"{shard}.json" if generation == 0 else f"{shard}~{generation}.json"
-
-
-def _parse_ledger_name(name: str) -> tuple[str, int] | None:
-    """(shard, generation) of a ledger file name, None for anything else."""
-    if not name.endswith(".json"):
-        return None
-    stem = name[: -len(".json")]
-    shard, tilde, generation = stem.rpartition("~")
-    if not tilde:
-        return stem, 0
-    return (shard, int(generation)) if generation.isdigit() and int(generation) > 0 and shard else None
-
-
-def _parse_data_name(name: str, ext: str) -> tuple[str, str] | None:
-    """(shard, attempt id) of a data file name `{shard}.{attempt}.{ext}`, None for anything else."""
-    if not name.endswith(f".{ext}"):
-        return None
-    shard, _, attempt_id = name[: -len(ext) - 1].rpartition(".")
-    return (shard, attempt_id) if shard and ATTEMPT_ID.fullmatch(attempt_id) else None
-
-
-def new_attempt_id() -> str:
-    return "".join(secrets.choice(string.digits + string.ascii_lowercase) for _ in range(12))
-
-
-class ShardStore:
-    """Per-shard files of one stage under `base`, committed through ledgers (see the module docstring).
-
-    `kinds` maps each kind of file an attempt writes to its extension; the kind is also its folder.
-    """
-
-    def __init__(self, base: str, kinds: dict[str, str]):
-        self.base, self.kinds = base, dict(kinds)
-
-    def __repr__(self) -> str:
-        return f"ShardStore({self.base!r}, {self.kinds!r})"
-
-    def ledger_path(self, shard: str, generation: int = 0) -> str:
-        check_shard_name(shard)
-        return storage.join(self.base, LEDGER_DIR, _ledger_name(shard, generation))
-
-    def new_attempt(self, shard: str) -> Attempt:
-        return Attempt(self, shard)
-
-    def done(self) -> dict[str, int]:
-        """Shard -> latest generation of every committed shard, from one listing of the ledgers (no reads)."""
-        latest: dict[str, int] = {}
-        for path in storage.list_files(storage.join(self.base, LEDGER_DIR), ".json"):
-            parsed = _parse_ledger_name(storage.basename(path))
-            if parsed:
-                shard, generation = parsed
-                latest[shard] = max(latest.get(shard, 0), generation)
-        return latest
-
-    def _read(self, shard: str, generation: int) -> tuple[bool, dict | None]:
-        """(exists, ledger); a ledger that does not parse is (True, None), with a warning."""
-        path = self.ledger_path(shard, generation)
-        try:
-            data = storage.read_bytes(path)
-        except FileNotFoundError:
-            return False, None
-        try:
-            ledger = json.loads(data)
-            if isinstance(ledger, dict) and isinstance(ledger.get("files"), dict):
-                return True, ledger
-        except ValueError:
-            pass
-        log.warning("%s: ledger does not parse, treated as absent: %r", path, data[:200])
-        return True, None
-
-    def _latest(self, shard: str) -> tuple[bool, dict | None]:
-        """(any ledger exists, the latest that parses), reading generations in order until one is absent."""
-        found, latest, generation = False, None, 0
-        while True:
-            exists, ledger = self._read(shard, generation)
-            if not exists:
-                return found, latest
-            found, latest, generation = True, ledger or latest, generation + 1
-
-    def read_ledger(self, shard: str, generation: int | None = None) -> dict | None:
-        """The shard's ledger of `generation`, by default the latest that parses; None if there is none."""
-        return self._latest(shard)[1] if generation is None else self._read(shard, generation)[1]
-
-    def files(self, ledger: dict) -> dict[str, str]:
-        """Kind -> full path of each file the ledger commits."""
-        return {kind: storage.join(self.base, entry["path"]) for kind, entry in ledger["files"].items()}
-
-    def _named(self, shard: str) -> set[str] | None:
-        """Relative paths the shard's latest ledger names; None when ledgers exist but none parses
-        (then nothing of the shard is deleted)."""
-        found, ledger = self._latest(shard)
-        if found and ledger is None:
-            log.warning("%s: no ledger of shard %s parses; its files are left alone", self.base, shard)
-            return None
-        return {entry["path"] for entry in ledger["files"].values()} if ledger else set()
-
-    def data_files(self, shard: str | None = None) -> dict[str, list[str]]:
-        """Shard -> relative paths of its data files, from one listing per kind (narrowed to `shard`)."""
-        found: dict[str, list[str]] = defaultdict(list)
-        for kind, ext in self.kinds.items():
-            prefix = f"{shard}." if shard is not None else ""
-            for path in storage.list_files(storage.join(self.base, kind), f".{ext}", name_prefix=prefix):
-                parsed = _parse_data_name(storage.basename(path), ext)
-                if parsed and (shard is None or parsed[0] == shard):
-                    found[parsed[0]].append(f"{kind}/{storage.basename(path)}")
-        return found
-
-    def _delete(self, rel_paths: list[str]) -> list[str]:
-        paths = [storage.join(self.base, rel) for rel in rel_paths]
-        for path in paths:
-            storage.delete(path)
-        return paths
-
-    def clean_leftovers(self, shard: str) -> list[str]:
-        """Delete the shard's data files that its latest ledger does not name; returns their paths.
-
-        For the holder of the shard's claim (dead attempts cannot commit any more): one listing per
-        kind, narrowed to the shard on S3 (a local folder is scanned), and one ledger read.
-        """
-        files = self.data_files(shard).get(shard, [])
-        named = self._named(shard) if files else None
-        return self._delete([rel for rel in files if rel not in named]) if named is not None else []
-
-    def sweep(self, skip: set[str]) -> list[str]:
-        """`clean_leftovers` for every shard not in `skip` whose claim nobody holds; returns the deleted paths.
-
-        From listings: the ledgers and each kind's folder. A committed shard with one file per kind
-        holds only its committed files (committed files are never deleted while a latest ledger names
-        them), so ledgers and claims are read only for shards with more files than that.
-        """
-        done = self.done()
-        deleted = []
-        for shard, files in sorted(self.data_files().items()):
-            if shard in skip or (shard in done and len(files) <= len(self.kinds)
-                                 and len({rel.split("/", 1)[0] for rel in files}) == len(files)):
-                continue
-            named = self._named(shard) if shard in done else set()
-            leftovers = [rel for rel in files if rel not in named] if named is not None else []
-            if leftovers and not self._claimed(shard):
-                deleted += self._delete(leftovers)
-        return deleted
-
-    def _claimed(self, shard: str) -> bool:
-        """True while a live claim on the shard exists (its holder may still commit what it wrote)."""
-        path = claims.claim_path(self.base, shard)
-        version = storage.read_versioned(path)
-        return version is not None and not claims.is_stale(claims.parse_claim(path, version), version.age, 0.0)
-
-
-class Attempt:
-    """One try at one shard: files under names no other attempt uses, then an exclusive commit."""
-
-    def __init__(self, store: ShardStore, shard: str):
-        check_shard_name(shard)
-        self.store, self.shard, self.attempt_id = store, shard, new_attempt_id()
-        self.written: dict[str, dict] = {}
-
-    def path(self, kind: str) -> str:
-        """Where this attempt writes `kind`."""
-        if kind not in self.store.kinds:
-            raise ValueError(f"{kind!r} is not a kind of {self.store}")
-        return storage.join(self.store.base, kind, f"{self.shard}.{self.attempt_id}.{self.store.kinds[kind]}")
-
-    def put(self, kind: str, local_file: str, rows: int | None = None) -> dict:
-        """Move a finished local file into place; returns its ledger entry {"path" (relative), "bytes", "rows"}."""
-        path = self.path(kind)
-        entry = {"path": f"{kind}/{storage.basename(path)}", "bytes": os.path.getsize(local_file), "rows": rows}
-        self.written[kind] = entry  # before the upload: abandon() also removes a half-done one
-        storage.put_file(local_file, path)
-        return entry
-
-    def commit(self, ledger: dict, generation: int = 0, claim_token: str | None = None) -> bool:
-        """Commit the files put so far by creating the shard's ledger of `generation` exclusively.
-
-        With `claim_token` (the driver's claim on the shard), the claim is checked right before the create:
-        a claim taken over (a paused or partitioned writer) loses as well. `shard`, `attempt_id`,
-        `generation` and `files` are added to `ledger` (in place). False: another attempt committed this
-        generation first, or the claim is no longer ours; this attempt's files are deleted. An OSError means
-        the storage could not say; then the files stay (the ledger may name them) until `sweep` decides.
-        """
-        ledger.update(shard=self.shard, attempt_id=self.attempt_id, generation=generation, files=dict(self.written))
-        fenced = claim_token is None or claims.holds(self.store.base, self.shard, claim_token)
-        if fenced and storage.put_if_absent(self.store.ledger_path(self.shard, generation), _dump(ledger)):
-            return True
-        self.abandon()
-        return False
-
-    def abandon(self) -> None:
-        """Delete this attempt's own files (never another attempt's)."""
-        for kind in list(self.written):
-            storage.delete(self.path(kind))
-            del self.written[kind]
 
 
 # --- rows and files --------------------------------------------------------------------------
@@ -415,7 +98,7 @@ def build_row(sample: InputSample, *, shard: str, fingerprint: str, error: str |
 
 
 def make_ledger(rows: list[dict], *, input: str, fingerprint: str, caption_config: dict, samples_in: int,
-                started_at: float, finished_at: float, worker: str, duplicates: int = 0, **extra) -> dict:
+                started_at: float, finished_at: float, worker: str, duplicates: int = 0, **extra) -> Ledger:
     """A shard's ledger before `Attempt.commit` adds shard, attempt_id, generation and files:
     what went in, counts over the rows, timing, and any `extra` facts of the caller."""
     status = Counter(row["status"] for row in rows)
@@ -495,7 +178,7 @@ class FinishedRun:
     """
     output: Output
     caption_config: dict
-    ledgers: list[dict]
+    ledgers: list[Ledger]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     run: dict | None = None
 
@@ -512,13 +195,13 @@ class FinishedRun:
         return self.output.fingerprint
 
     def total(self, key: str) -> int:
-        return sum(ledger.get(key) or 0 for ledger in self.ledgers)
+        return sum(ledger.get(key) or 0 for ledger in self.ledgers)  # type: ignore[misc]
 
     def summed(self, key: str) -> Counter:
         """Sum of a {name: count} field over the done shards' ledgers."""
         counts: Counter = Counter()
         for ledger in self.ledgers:
-            counts.update(ledger.get(key) or {})
+            counts.update(ledger.get(key) or {})  # type: ignore[call-overload]
         return counts
 
     def errors_by_reason(self) -> Counter:
@@ -534,36 +217,42 @@ class FinishedRun:
         return self.store.files(self.by_shard[shard])[WDS_DIR]
 
 
-def load_finished(out: str, fingerprint: str | None = None) -> FinishedRun:
-    """The committed shards of OUT's current version (or of `fingerprint`'s), resolved through ledgers.
-
-    Requests: the ledger listing, the Parquet listing, and one read per committed shard (threaded).
-    """
-    output = Output.open(out, fingerprint)
+def committed(output: Output, listing: StoreListing | None = None) -> tuple[list[Ledger], list[tuple[str, str]]]:
+    """The latest ledgers of the version's shards whose files are all there with their recorded bytes, and
+    (shard, reason) for the shards left out. Requests: the listings, then one read per committed shard."""
     store = output.store
-    done = store.done()
-    data_files = store.data_files()
-    shards = sorted(done)
-    with ThreadPoolExecutor(LEDGER_READ_THREADS) as pool:
-        ledgers = list(pool.map(lambda shard: store.read_ledger(shard, done[shard]), shards))
-    skipped = [(shard, "no ledger (shard not finished)") for shard in sorted(data_files.keys() - done.keys())]
-    committed = []
-    for shard, ledger in zip(shards, ledgers):
+    listing = listing if listing is not None else store.list()
+    done = listing.done()
+    ledgers = store.read_ledgers(done)
+    skipped = [(shard, "no ledger (shard not finished)") for shard in sorted(listing.data.keys() - done.keys())]
+    found = []
+    for shard in sorted(done):
+        ledger = ledgers[shard]
         if ledger is None:
             skipped.append((shard, f"ledger {store.ledger_path(shard, done[shard])} does not parse"))
+        elif done[shard] in listing.broken.get(shard, set()):
+            skipped.append((shard, f"generation {done[shard]} is marked broken; a rerun captions it again"))
         elif ledger.get("fingerprint") != output.fingerprint:
             skipped.append((shard, f"ledger fingerprint {ledger.get('fingerprint')} is not the run's "
                                    f"{output.fingerprint}"))
-        elif missing := [e["path"] for e in ledger["files"].values() if e["path"] not in data_files.get(shard, [])]:
-            skipped.append((shard, f"its ledger names {', '.join(missing)}, which is missing"))
+        elif problems := store.check(ledger, listing):
+            skipped.append((shard, f"its ledger names files that are not as committed: {'; '.join(problems)} "
+                                   "(a rerun captions it again)"))
         else:
-            committed.append(ledger)
-    configs = [ledger.pop("caption_config", None) for ledger in committed]  # one per run is enough in memory
+            found.append(ledger)
+    return found, sorted(skipped)
+
+
+def load_finished(out: str, fingerprint: str | None = None) -> FinishedRun:
+    """The committed shards of OUT's current version (or of `fingerprint`'s), resolved through ledgers."""
+    output = Output.open(out, fingerprint)
+    ledgers, skipped = committed(output)
+    configs = [ledger.pop("caption_config", None) for ledger in ledgers]  # type: ignore[misc]
     config = output.caption_config or next((c for c in configs if c), None) or {}
     summary = _read_json(output.run_path)
     if summary and summary.get("fingerprint") != output.fingerprint:
         summary = None  # the summary of a run before this version's
-    return FinishedRun(output, config, committed, sorted(skipped), summary)
+    return FinishedRun(output, config, ledgers, skipped, summary)
 
 
 def _read_json(path: str) -> dict | None:
@@ -573,21 +262,62 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
+def find_output(folder: str) -> tuple[str, str | None] | None:
+    """(OUT, fingerprint or None for the current version) when `folder` is an output or one of its versions'
+    folders (OUT/versions/FP), else None."""
+    folder = folder.rstrip("/") or folder
+    if storage.exists(storage.join(folder, JOB_FILE)):
+        return folder, None
+    versions = storage.parent(folder)
+    if storage.basename(versions) == VERSIONS_DIR and storage.exists(storage.join(storage.parent(versions), JOB_FILE)):
+        return storage.parent(versions), storage.basename(folder)
+    return None
+
+
+def committed_files(spec: str, kind: str = WDS_DIR) -> list[str] | None:
+    """The committed files of `kind` when `spec` names an output (OUT, OUT/versions/FP) or one of its kind
+    folders (OUT/wds, OUT/parquet); None when `spec` is not inside an output. A glob or brace range inside an
+    output is refused: listing there shows in-flight, losing and superseded attempts beside committed ones."""
+    pattern = spec.rstrip("/")
+    folder, name = storage.parent(pattern), storage.basename(pattern)
+    if storage.has_glob(pattern) or "{" in pattern:
+        inside = find_output(folder) or find_output(storage.parent(folder))
+        if inside is not None:
+            where = inside[0] if inside[1] is None else storage.join(inside[0], VERSIONS_DIR, inside[1])
+            raise ValueError(f"{spec} lists files inside the recaption output {inside[0]}, where files of attempts "
+                             f"that did not commit can sit beside the committed ones; pass the output itself "
+                             f"({where}): its committed files are read through its ledgers")
+        return None
+    if name in RECAPTION_KINDS and (inside := find_output(folder)) is not None:
+        kind = name
+    elif (inside := find_output(pattern)) is None:
+        return None
+    run = load_finished(*inside)
+    return [files[kind] for shard in sorted(run.by_shard)
+            if kind in (files := run.store.files(run.by_shard[shard]))]
+
+
 def wds_shards(spec: str) -> list[str]:
-    """The WebDataset shards `spec` names: a recaption output folder OUT (the committed `wds/` files of its
-    current version, found through the ledgers), or anything `storage.expand_inputs` takes."""
-    if not any(c in spec for c in "*?[{") and storage.exists(storage.join(spec, JOB_FILE)):
-        run = load_finished(spec)
-        return [path for shard in sorted(run.by_shard)
-                if (path := run.store.files(run.by_shard[shard]).get(WDS_DIR)) is not None]
-    return storage.expand_inputs(spec)
+    """The WebDataset shards `spec` names: a recaption output (its current version's committed `wds/` files,
+    through the ledgers), or anything `storage.expand_inputs` takes outside an output."""
+    found = committed_files(spec, WDS_DIR)
+    return found if found is not None else storage.expand_inputs(spec)
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
-    """A ParquetFile for a local path, or for an object fetched whole (one shard fits in memory)."""
+    """A ParquetFile for a local path, or for an object fetched whole (one shard fits in memory; pyarrow needs
+    a seekable file, which a streamed S3 body is not)."""
     if storage.is_remote(path):
         return pq.ParquetFile(pa.BufferReader(storage.read_bytes(path)))
     return pq.ParquetFile(path)
+
+
+def read_rows(path: str) -> list[dict]:
+    """Every row of one shard's Parquet file, local or remote."""
+    try:
+        return open_parquet(path).read().to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path}: cannot read Parquet ({e})") from e
 
 
 def iter_batches(path: str, columns: list[str], batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:

@@ -19,9 +19,15 @@ and without scores never mix silently.
 
 Rows are streamed one Parquet batch at a time, so memory holds at most one row group, whatever the
 size of the run. Output files are planned from the input files' sizes before anything is written, so
-every name `-of-NNNNN` is known when its file is written. A Hub destination gets everything in one
-commit (dataset/hub.py); a local or S3 destination gets its files one by one, then stale data files
-from an earlier publish are deleted.
+every name `-of-NNNNN` is known when its file is written. Readers switch from the old dataset to the new
+one in one step (dataset/destinations.py): a Hub destination gets everything in one commit; a local or S3
+destination gets the data files in a folder of this publish's own, then one write of the card switches
+to them, and only then are the earlier publish's files removed.
+
+One version is published: the output's current one (complete, or the first one still being captioned), or
+another named with `fingerprint`; a version that is neither complete nor current (a `--new-version` still
+being captioned) is refused unless `allow_incomplete`, so a scheduled publish never replaces a complete
+dataset with part of a new one.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ import pyarrow.parquet as pq
 
 from dataset import hub, outputs, storage
 from dataset.card import CardInfo, ScoreInfo, render_card
-from dataset.destinations import open_destination, upload_line
+from dataset.destinations import CARD, DATA_DIR, data_dir, open_destination, upload_line
 from dataset.outputs import ROW_SCHEMA
 from dataset.scores import (
     SCORE_COLUMNS,
@@ -60,7 +66,6 @@ OUR_COLUMNS = ["uid", "source_key", "width", "height", "num_tokens", "finish_rea
 RECAP_TYPES = {"re_length": pa.int64(), "org_length": pa.int64()}
 PREVIEW_ROWS = 1000
 CARD_SAMPLES = 5
-DATA_DIR = "data"
 TRAIN_PATTERN, PREVIEW_PATTERN = "train-*", "preview-*"
 MB = 1_000_000
 
@@ -90,6 +95,7 @@ class PublishConfig:
     scores: bool = True               # join CLIP scores when the version has them (see the module docstring)
     dry_run: bool = False
     hub_endpoint: str | None = None
+    allow_incomplete: bool = False    # publish a version that is neither complete nor current
 
 
 def human_bytes(n: float) -> str:
@@ -114,13 +120,14 @@ class Plan:
     train: list[OutputFile]
     preview: str
     nested: bool
+    folder: str = DATA_DIR                # where the data files go (data/ or data/{publish id})
     scores: ScoreCoverage | None = None   # set when the scores are joined
 
     @property
     def data_files(self) -> dict[str, str]:
         """Split -> glob pattern, as the card's `configs` names them."""
-        folder = f"{DATA_DIR}/*" if self.nested else DATA_DIR
-        return {"train": f"{folder}/{TRAIN_PATTERN}", "preview": f"{DATA_DIR}/{PREVIEW_PATTERN}"}
+        train = f"{self.folder}/*" if self.nested else self.folder
+        return {"train": f"{train}/{TRAIN_PATTERN}", "preview": f"{self.folder}/{PREVIEW_PATTERN}"}
 
     @property
     def schema(self) -> pa.Schema:
@@ -131,7 +138,7 @@ class Plan:
         return [shard for f in self.train for shard in f.shards]
 
     def paths(self) -> set[str]:
-        return {f.path for f in self.train} | {self.preview, "README.md"}
+        return {f.path for f in self.train} | {self.preview, CARD}
 
 
 @dataclass
@@ -154,7 +161,8 @@ def _estimated_ok_bytes(ledger: dict) -> int:
     return size * ledger["ok"] // max(ledger["rows_out"], 1)
 
 
-def make_plan(run: outputs.FinishedRun, target_bytes: int, files_per_folder: int = 9_000) -> Plan:
+def make_plan(run: outputs.FinishedRun, target_bytes: int, files_per_folder: int = 9_000,
+              folder: str = DATA_DIR) -> Plan:
     """Group committed shards, in order, into train files of about `target_bytes` (a shard is never split)."""
     groups: list[list[dict]] = []
     size = 0
@@ -167,19 +175,19 @@ def make_plan(run: outputs.FinishedRun, target_bytes: int, files_per_folder: int
         groups[-1].append(ledger)
         size += _estimated_ok_bytes(ledger)
     n = len(groups)
-    nested = n >= files_per_folder  # keep every folder (data/ also holds the preview) under the limit
+    nested = n >= files_per_folder  # keep every folder (the data folder also holds the preview) under the limit
     train = []
     for i, group in enumerate(groups):
-        folder = f"{DATA_DIR}/{i // files_per_folder:04d}" if nested else DATA_DIR
-        train.append(OutputFile(f"{folder}/train-{i:05d}-of-{n:05d}.parquet", [g["shard"] for g in group],
+        sub = f"{folder}/{i // files_per_folder:04d}" if nested else folder
+        train.append(OutputFile(f"{sub}/train-{i:05d}-of-{n:05d}.parquet", [g["shard"] for g in group],
                                 sum(_estimated_ok_bytes(g) for g in group)))
-    return Plan(run, train, f"{DATA_DIR}/preview-00000-of-00001.parquet", nested)
+    return Plan(run, train, f"{folder}/preview-00000-of-00001.parquet", nested, folder)
 
 
 def plan_lines(plan: Plan, dest: str) -> list[str]:
     """Human-readable plan: inputs, skipped shards, files with sizes, and how they will be sent."""
     run = plan.run
-    lines = [f"input {run.out}: {len(run.ledgers)} committed shards (fingerprint {run.fingerprint}), "
+    lines = [f"input {run.out}: {len(run.ledgers)} committed shards of {run.output.describe()}, "
              f"{len(run.skipped)} skipped",
              *(f"  skipped {shard}: {reason}" for shard, reason in run.skipped),
              f"rows: {run.total('ok'):,} ok to publish, {run.total('error'):,} error rows left out",
@@ -260,6 +268,15 @@ def is_data_file(rel: str) -> bool:
     return rel.startswith(f"{DATA_DIR}/") and rel.endswith(".parquet")
 
 
+def check_version(run: outputs.FinishedRun, allow_incomplete: bool) -> None:
+    """Refuse a version that is neither complete nor current (see the module docstring)."""
+    output = run.output
+    if not output.complete and not output.current and not allow_incomplete:
+        raise ValueError(f"{run.out}: {output.describe()} is still being captioned ({len(run.ledgers)} shards "
+                         "committed); publishing it would replace a complete dataset with part of a new one. Publish "
+                         "the current version (no --fingerprint), finish the run, or pass --allow-incomplete")
+
+
 def publish(input_dir: str, dest: str, config: PublishConfig | None = None, log: Callable[[str], None] = print,
             **overrides) -> Plan:
     """Publish the committed shards of `input_dir` to `dest` (see the module docstring); returns the plan.
@@ -270,7 +287,8 @@ def publish(input_dir: str, dest: str, config: PublishConfig | None = None, log:
     run = outputs.load_finished(input_dir, config.fingerprint)
     if not run.ledgers:
         raise ValueError(f"{input_dir}: no committed shards to publish")
-    plan = make_plan(run, config.target_bytes, config.files_per_folder)
+    check_version(run, config.allow_incomplete)
+    plan = make_plan(run, config.target_bytes, config.files_per_folder, data_dir(dest))
     plan.scores, score_line = scores_to_join(run, plan.shards, config.scores)
     for line in [*plan_lines(plan, dest), score_line]:
         log(line)
@@ -287,7 +305,7 @@ def publish(input_dir: str, dest: str, config: PublishConfig | None = None, log:
                 written.score_sums[name] += pc.sum(batch[name]).as_py() or 0.0
 
     with tempfile.TemporaryDirectory(prefix="ov-publish-") as tmp:
-        destination = open_destination(dest, os.path.join(tmp, "staging"), public=config.public,
+        destination = open_destination(dest, CARD, os.path.join(tmp, "staging"), public=config.public,
                                        endpoint=config.hub_endpoint, log=log)
 
         def send(rel: str, split: str, batches: Iterator[pa.RecordBatch], on_batch=lambda b: None) -> None:
@@ -304,11 +322,8 @@ def publish(input_dir: str, dest: str, config: PublishConfig | None = None, log:
         preview = preview_table(plan)
         written.samples = preview.slice(0, CARD_SAMPLES).to_pylist()
         send(plan.preview, "preview", iter(preview.to_batches()))
-        readme = os.path.join(tmp, "README.md")
-        with open(readme, "w") as f:
-            f.write(render_card(card_info(plan, dest, written, config)))
-        destination.put(readme, "README.md")
-        for path in destination.finish(plan.paths(), is_data_file):
+        card = render_card(card_info(plan, dest, written, config)).encode()
+        for path in destination.finish(card, plan.paths(), is_data_file):
             log(f"removed stale {path}")
     log(f"published {written.rows['train']:,} train rows in {len(plan.train)} files and "
         f"{written.rows['preview']:,} preview rows to {dest}; left out {written.error_rows:,} error rows")
@@ -332,5 +347,5 @@ def card_info(plan: Plan, dest: str, written: Written, config: PublishConfig) ->
         duplicates=run.total("duplicates"), split_rows=dict(written.rows), split_bytes=dict(written.arrow_bytes),
         download_bytes=sum(written.file_bytes.values()), data_files=plan.data_files, nested=plan.nested,
         schema=plan.schema, org_length=written.org_length, re_length=written.re_length,
-        samples=written.samples, scores=scores,
+        samples=written.samples, scores=scores, complete=run.output.complete,
     )

@@ -3,9 +3,9 @@
 The score stage lives beside the captions it scores, `Output.stage("clip_scores")`, so each output
 version (fingerprint) has its own scores:
 
-    BASE/clip_scores/_scorer.json                  the model every score of this version comes from
-    BASE/clip_scores/parquet/{shard}.{attempt}.parquet   one row per ok row of the shard (SCORE_SCHEMA)
-    BASE/clip_scores/_ledger/{shard}[~n].json      the commit, naming the recaption commit it scored
+    BASE/clip_scores/_scorer.json                        the model every score of this version comes from
+    BASE/clip_scores/parquet/{shard}~{gen}.{attempt}.parquet   one row per ok row of the shard (SCORE_SCHEMA)
+    BASE/clip_scores/_ledger/{shard}[~n].json            the commit, naming the recaption commit it scored
 
 A shard's scores are current when its latest score ledger's `source` is the shard's latest recaption
 commit (generation and attempt id): a `--retry-errors` generation makes them stale until rescored.
@@ -14,16 +14,17 @@ This module only reads (no torch): publish and the report join what scoring/stag
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dataset import outputs, storage
-from dataset.outputs import Output, ShardStore
+from dataset.protocol import Ledger, ShardStore
+from dataset.versions import Output
 
 STAGE = "clip_scores"
+SCORE_KINDS = {outputs.PARQUET_DIR: "parquet"}
 SCORER_FILE = "_scorer.json"
 SCORE_COLUMNS = ["re_clip_score", "org_clip_score"]
 SCORE_SCHEMA = pa.schema([
@@ -32,7 +33,6 @@ SCORE_SCHEMA = pa.schema([
     ("org_clip_score", pa.float64()),   # cosine(image, org_caption)
     ("error", pa.string()),             # 'reason: detail' when the image could not be scored
 ])
-LEDGER_READ_THREADS = 16
 
 
 class ScoresIncomplete(ValueError):
@@ -44,7 +44,7 @@ class ScorerMismatch(ValueError):
 
 
 def score_store(output: Output) -> ShardStore:
-    return output.stage(STAGE)
+    return output.stage(STAGE, SCORE_KINDS)
 
 
 def read_scorer(store: ShardStore) -> dict | None:
@@ -73,14 +73,7 @@ def register_scorer(store: ShardStore, identity: dict) -> None:
                              f"Score with the same model, or move {store.base} away to rescore everything.")
 
 
-def latest_ledgers(store: ShardStore, shards: list[str]) -> dict[str, dict]:
-    """The latest parseable ledger of each shard that has one (reads in threads)."""
-    with ThreadPoolExecutor(LEDGER_READ_THREADS) as pool:
-        ledgers = dict(zip(shards, pool.map(store.read_ledger, shards)))
-    return {shard: ledger for shard, ledger in ledgers.items() if ledger is not None}
-
-
-def is_current(score_ledger: dict, recaption_ledger: dict) -> bool:
+def is_current(score_ledger: Ledger | dict, recaption_ledger: Ledger | dict) -> bool:
     """The score ledger scored exactly this recaption commit."""
     source = score_ledger.get("source") or {}
     return (source.get("generation") == recaption_ledger["generation"]
@@ -104,15 +97,18 @@ class ScoreCoverage:
 
 
 def coverage(run: outputs.FinishedRun) -> ScoreCoverage:
-    """Score coverage of the run's committed shards: one listing, then one read per scored shard."""
+    """Score coverage of the run's committed shards: the listings, then one read per scored shard; scores whose
+    files are not as committed count as missing."""
     store = score_store(run.output)
-    scored = sorted(store.done().keys() & run.by_shard.keys())
-    ledgers = latest_ledgers(store, scored)
+    listing = store.list()
+    done = listing.done()
+    ledgers = store.read_ledgers({shard: done[shard] for shard in sorted(done.keys() & run.by_shard.keys())})
     result = ScoreCoverage(read_scorer(store))
     for ledger in run.ledgers:
         shard = ledger["shard"]
         score = ledgers.get(shard)
-        if score is not None and is_current(score, ledger) and score.get("scorer") == result.scorer:
+        if (score is not None and is_current(score, ledger) and score.get("scorer") == result.scorer
+                and not store.check(score, listing)):
             result.current[shard] = score
         else:
             result.missing.append(shard)
@@ -122,7 +118,7 @@ def coverage(run: outputs.FinishedRun) -> ScoreCoverage:
 class ScoreLookup:
     """One shard's committed scores, looked up by key in the order the caller's rows come."""
 
-    def __init__(self, store: ShardStore, ledger: dict):
+    def __init__(self, store: ShardStore, ledger: Ledger):
         path = store.files(ledger)[outputs.PARQUET_DIR]
         batches = list(outputs.iter_batches(path, SCORE_SCHEMA.names))
         table = pa.Table.from_batches(batches, SCORE_SCHEMA)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from dataset import outputs, storage
 from dataset.destinations import open_destination, upload_line
+from dataset.publish import check_version
 from dataset.reader import IMAGE_EXTS
 from dataset.scores import ScoreLookup, score_store, scores_to_join
 
@@ -69,6 +70,7 @@ class WdsExportConfig:
     public: bool = False              # hf:// only: create the repo public (default private)
     dry_run: bool = False
     hub_endpoint: str | None = None
+    allow_incomplete: bool = False    # export a version that is neither complete nor current
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_CHOICES:
@@ -102,13 +104,16 @@ def export_sample(sample: dict, config: WdsExportConfig, scores: dict[str, float
 
 def export_wds(input_dir: str, dest: str, config: WdsExportConfig | None = None,
                log: Callable[[str], None] = print, **overrides) -> dict:
-    """Export the committed shards' WDS samples to `dest` as `{00000..}.tar` + sizes.json + manifest.json.
+    """Export the committed shards' WDS samples to `dest` as `{shard}.tar` + sizes.json + manifest.json.
 
-    One output tar per committed shard with samples, in shard order; one version (fingerprint) only.
-    Returns the manifest. Destinations as for Parquet publishing (a Hub repo gets one commit).
+    One output tar per committed shard with samples, named after its source shard, so that a re-export
+    rewrites each tar with the same shard's samples (an img2dataset input gives `{00000..}.tar`); one version
+    (fingerprint) only. The manifest is written last and switches readers (dataset/destinations.py); tars of
+    shards no longer in the version are removed after it. Returns the manifest.
     """
     config = dataclasses.replace(config or WdsExportConfig(), **overrides)
     run = outputs.load_finished(input_dir, config.fingerprint)
+    check_version(run, config.allow_incomplete)
     shards = [ledger["shard"] for ledger in run.ledgers if ledger["ok"]]
     if not shards:
         raise ValueError(f"{input_dir}: no committed shard with ok samples to export")
@@ -116,7 +121,7 @@ def export_wds(input_dir: str, dest: str, config: WdsExportConfig | None = None,
         raise ValueError(f"{input_dir}: shards {', '.join(no_wds[:5])} have no WDS output (captioned with --no-wds); "
                          "export needs the images")
     found, score_line = scores_to_join(run, shards, config.scores)
-    names = {shard: f"{i:05d}.tar" for i, shard in enumerate(shards)}
+    names = {shard: f"{shard}.tar" for shard in shards}
     for line in [f"input {run.out}: {len(shards)} committed shards with samples (fingerprint {run.fingerprint})",
                  f"txt: {config.text}" + (f" (recaption for a share {config.mix_ratio:g} of samples, seed "
                                           f"{config.seed})" if config.text == "mix" else ""),
@@ -130,7 +135,7 @@ def export_wds(input_dir: str, dest: str, config: WdsExportConfig | None = None,
     sizes: dict[str, int] = {}
     recaptions = 0
     with tempfile.TemporaryDirectory(prefix="ov-wds-") as tmp:
-        destination = open_destination(dest, os.path.join(tmp, "staging"), public=config.public,
+        destination = open_destination(dest, MANIFEST, os.path.join(tmp, "staging"), public=config.public,
                                        endpoint=config.hub_endpoint, log=log)
         for shard in shards:
             shard_scores = ScoreLookup(score_store(run.output), found.current[shard]).by_key() if found else {}
@@ -149,12 +154,13 @@ def export_wds(input_dir: str, dest: str, config: WdsExportConfig | None = None,
             manifest["tars"][names[shard]] = {"shard": shard, "samples": count}
             destination.put(local, names[shard])
             log(f"wrote {names[shard]}: {count:,} samples from shard {shard}")
-        for name, payload in ((SIZES, sizes), (MANIFEST, manifest)):
-            local = os.path.join(tmp, name)
-            with open(local, "w") as f:
-                json.dump(payload, f, indent=1, sort_keys=True)
-            destination.put(local, name)
-        for path in destination.finish({*sizes, SIZES, MANIFEST}, lambda rel: "/" not in rel and rel.endswith(".tar")):
+        local = os.path.join(tmp, SIZES)
+        with open(local, "w") as f:
+            json.dump(sizes, f, indent=1, sort_keys=True)
+        destination.put(local, SIZES)
+        switch = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        for path in destination.finish(switch, {*sizes, SIZES, MANIFEST},
+                                       lambda rel: "/" not in rel and rel.endswith(".tar")):
             log(f"removed stale {path}")
     total = sum(sizes.values())
     log(f"exported {total:,} samples in {len(sizes)} tars to {dest}; txt is the recaption for {recaptions:,}")

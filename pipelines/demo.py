@@ -11,9 +11,8 @@ import _bootstrap  # noqa: F401  (first: the repository's packages, not pipeline
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
-
-import pyarrow.parquet as pq
 
 from dataset import outputs
 from dataset.ingest import download
@@ -21,12 +20,13 @@ from dataset.logs import one_line_errors
 from dataset.publish import publish
 from dataset.report import write_report
 from dataset.synthetic.web import serving, write_metadata
-from recaption.driver import RunConfig, run
 from recaption.engines import EngineConfig
 from recaption.job import CaptionJob
-from recaption.pool import PoolConfig
+from recaption.stage import RunConfig, run
 from recaption.tiny import build_tiny_llava
-from scoring.stage import ScoreConfig, run_stage
+from runner.pool import PoolConfig
+from runner.run import RunnerConfig
+from scoring.stage import SCORE_RUNNER, ScoreConfig, score
 from scoring.tiny import build_tiny_clip
 
 
@@ -37,7 +37,7 @@ def clip(text: str | None, width: int) -> str:
 
 def show_rows(out: str, limit: int = 8) -> None:
     run = outputs.load_finished(out)
-    rows = [r for shard in run.by_shard for r in pq.read_table(run.parquet(shard)).to_pylist()]
+    rows = [r for shard in run.by_shard for r in outputs.read_rows(run.parquet(shard))]
     picked = [r for r in rows if r["status"] == "ok"][:limit]
     print(f"\n{'key':<10} | {'web caption':<28} | {'recaption (random-weight model)':<44} | status")
     print("-" * 100)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     step("3. recaption on vLLM (CPU) in a Ray actor, default engine flags")
     out = str(root / "recaptioned")
     code = run(RunConfig(input=str(root / "shards"), output=out, job=CaptionJob(EngineConfig(str(model))),
-                         pool=PoolConfig(num_workers=1), progress_every=10))
+                         runner=RunnerConfig(pool=PoolConfig(num_workers=1), progress_every=10)))
     if code != 0:
         sys.exit(code)
     show_rows(out)
@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     clip_model = root / "tiny-clip"
     if not (clip_model / "open_clip_config.json").exists():
         build_tiny_clip(clip_model)
-    scored = run_stage(ScoreConfig(out, f"local-dir:{clip_model}"), progress_every=10)
-    if scored["failed"] or scored["stopped"]:
-        sys.exit(1)
+    scored = score(ScoreConfig(out, f"local-dir:{clip_model}", runner=replace(SCORE_RUNNER, progress_every=10)))
+    if scored.exit_code:
+        sys.exit(scored.exit_code)
 
     step("5. publish a Hub-ready folder (train + preview splits, dataset card, Recap-DataComp-1B's columns)")
     publish(out, str(root / "published"), target_bytes=1 << 20)

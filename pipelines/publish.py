@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan (files, sizes, scores) and write nothing")
     p.add_argument("--fingerprint", default=PublishConfig.fingerprint,
                    help="publish this output version (default: the current one)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="publish a version that is neither complete nor current (a --new-version still being "
+                        "captioned; refused by default, as it would replace a complete dataset with part of a new one)")
     p.add_argument("--public", action="store_true",
                    help="hf:// only: create the repo public (default: private; an existing public repo is refused "
                         "without this flag)")
@@ -61,12 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.format == "wds":
         wds.export_wds(a.input, a.dest, WdsExportConfig(
             text=a.text, mix_ratio=a.mix_ratio, seed=a.seed, fingerprint=a.fingerprint, scores=not a.no_scores,
-            public=a.public, dry_run=a.dry_run))
+            public=a.public, dry_run=a.dry_run, allow_incomplete=a.allow_incomplete))
         return
     publish.publish(a.input, a.dest, PublishConfig(
         target_bytes=int(a.target_file_mb * MB), row_group_bytes=int(a.row_group_mb * MB),
         files_per_folder=a.files_per_folder, fingerprint=a.fingerprint, title=a.title, license_id=a.license,
-        public=a.public, scores=not a.no_scores, dry_run=a.dry_run))
+        public=a.public, scores=not a.no_scores, dry_run=a.dry_run, allow_incomplete=a.allow_incomplete))
 
 
 if __name__ == "__main__":

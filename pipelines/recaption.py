@@ -15,13 +15,12 @@ import sys
 
 from dataset import reader
 from dataset.logs import one_line_errors
-from recaption.driver import RunConfig, run
 from recaption.engines import EngineConfig, SamplingConfig
 from recaption.images import ImageConfig
 from recaption.job import CaptionJob
-from recaption.pool import DEFAULT_CPUS_WITH_GPU, PoolConfig
 from recaption.prompt import load_prompt
-from recaption.scheduler import SchedulerConfig
+from recaption.stage import RunConfig, run
+from runner import cli
 
 
 def json_object(text: str) -> dict:
@@ -78,49 +77,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--max-aspect-ratio", type=float, default=ImageConfig.max_aspect_ratio,
                    help="refuse images more elongated than this (error 'aspect')")
     r = p.add_argument_group("workers and cluster")
-    r.add_argument("--num-workers", type=int, default=PoolConfig.num_workers,
-                   help="caption actors, requested from the autoscaler on a cluster "
-                        "(default: cluster GPUs / GPUs per worker; 1 without GPUs)")
-    r.add_argument("--gpus-per-worker", type=float, default=PoolConfig.gpus_per_worker,
-                   help="GPUs per actor (default: --tensor-parallel-size; 0 only on a local Ray without GPUs)")
-    r.add_argument("--cpus-per-worker", type=float, default=PoolConfig.cpus_per_worker,
-                   help=f"CPUs per actor for reading and decoding ahead of the engine (default: "
-                        f"{DEFAULT_CPUS_WITH_GPU} with a GPU, else 1)")
     r.add_argument("--tensor-parallel-size", type=int, default=EngineConfig.tensor_parallel_size,
                    help="GPUs one engine spans (an 8B model in 16 bits: 1 on 40 GB+ cards, 2 on 24 GB cards)")
     r.add_argument("--window", type=int, default=CaptionJob.window,
                    help="requests in one engine at once, across shard boundaries "
                         "(default: twice what the engine runs at once)")
-    r.add_argument("--max-attempts", type=int, default=SchedulerConfig.max_attempts,
-                   help="tries per shard before it is reported failed (a dead engine charges only the shards "
-                        "it was generating)")
-    r.add_argument("--worker-deaths-per-hour", type=float, default=PoolConfig.deaths_per_hour,
-                   help="dead workers replaced per hour before the pool stops replacing (default: max(4, 2 x workers))")
-    r.add_argument("--claim-ttl", type=float, default=SchedulerConfig.claim_ttl,
-                   help="seconds without a renewal (by the storage's clock) after which another driver may take "
-                        "a claimed shard")
-    r.add_argument("--shard-deadline", type=float, default=SchedulerConfig.deadline_factor,
-                   help="abandon and retry a shard running longer than this many times the median shard time "
-                        "(0: never)")
-    r.add_argument("--speculate-after", type=float, default=SchedulerConfig.speculate_after,
-                   help="near the end, start a second attempt of a shard running longer than this many times the "
-                        "median on an idle worker; the first commit wins (0: never)")
-    r.add_argument("--single-writer", action="store_true",
-                   help="run on storage that ignores conditional writes (refused otherwise), with ONE driver only")
-    r.add_argument("--progress-every", type=float, default=RunConfig.progress_every,
-                   help="seconds between progress lines")
+    cli.add_runner_arguments(r, RunConfig.runner)
     c = p.add_argument_group("cost")
     c.add_argument("--plan", action="store_true",
                    help="caption a sample on one worker, print images/s, tokens/s and the GPU-hours for the whole "
                         "input; writes no outputs")
-    c.add_argument("--gpu-hour-price", type=float, default=RunConfig.gpu_hour_price,
+    c.add_argument("--gpu-hour-price", type=float, default=RunConfig.runner.gpu_hour_price,
                    help="price of one GPU-hour: the projection then shows the cost")
     v = p.add_argument_group("reruns and output")
     v.add_argument("--retry-errors", action="store_true", help="re-caption only status='error' rows of done shards")
     v.add_argument("--new-version", action="store_true",
                    help="allow a run whose fingerprint differs from the output's: every shard is captioned again")
-    v.add_argument("--verbose", action="store_true",
-                   help="show library warnings and worker output on the console (else in OUTPUT/_logs/)")
     return p.parse_args(argv)
 
 
@@ -135,14 +107,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                      image=ImageConfig(max_side=a.max_side, max_pixels=a.max_pixels, min_side=a.min_image_side,
                                        max_aspect_ratio=a.max_aspect_ratio),
                      limits=reader.limits_from_args(a), write_wds=not a.no_wds, window=a.window)
-    workers = PoolConfig(num_workers=a.num_workers, gpus_per_worker=a.gpus_per_worker,
-                         cpus_per_worker=a.cpus_per_worker, deaths_per_hour=a.worker_deaths_per_hour)
-    schedule = SchedulerConfig(max_attempts=a.max_attempts, claim_ttl=a.claim_ttl, deadline_factor=a.shard_deadline,
-                               speculate_after=a.speculate_after)
-    return RunConfig(input=a.input, output=a.output, job=job, pool=workers, schedule=schedule,
-                     retry_errors=a.retry_errors, new_version=a.new_version, single_writer=a.single_writer,
-                     max_shards=a.max_shards, progress_every=a.progress_every, plan=a.plan,
-                     gpu_hour_price=a.gpu_hour_price, verbose=a.verbose)
+    return RunConfig(input=a.input, output=a.output, job=job, runner=cli.runner_config(a, RunConfig.runner),
+                     retry_errors=a.retry_errors, new_version=a.new_version, max_shards=a.max_shards, plan=a.plan)
 
 
 @one_line_errors("recaption")

@@ -7,7 +7,8 @@
 Scores go to OUT/clip_scores/ (one Parquet file per shard, keyed by `key`, committed through its own
 ledgers and claims), so a rerun scores only what is missing, and a shard re-captioned with
 --retry-errors is scored again. `pipelines/publish.py` joins them as `re_clip_score` and `org_clip_score`.
-Texts are cut to the model's context by its own tokenizer.
+Texts are cut to the model's context by its own tokenizer. The workers, scheduling and claim flags are the
+recaption job's (the same runner).
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import _bootstrap  # noqa: F401  (first: the repository's packages, not pipeline
 import argparse
 import sys
 
-from dataset.logs import one_line_errors
-from scoring.stage import ScoreConfig, run_stage
+from dataset.logs import one_line_errors, say
+from runner import cli
+from scoring.stage import ScoreConfig, score
 
 
 def parse_args(argv: list[str] | None = None) -> ScoreConfig:
@@ -30,29 +32,21 @@ def parse_args(argv: list[str] | None = None) -> ScoreConfig:
                    help="pretrained tag of a built-in model, e.g. datacomp_xl_s13b_b90k")
     p.add_argument("--fingerprint", default=ScoreConfig.fingerprint,
                    help="score this output version (default: the current one)")
-    p.add_argument("--num-workers", type=int, default=ScoreConfig.num_workers,
-                   help="scoring actors, one GPU each on a cluster (default: cluster GPUs, 1 on CPU)")
     p.add_argument("--batch-size", type=int, default=ScoreConfig.batch_size, help="images per forward pass")
     p.add_argument("--device", default=ScoreConfig.device, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--claim-ttl", type=float, default=ScoreConfig.claim_ttl,
-                   help="seconds without renewal after which another run may take a claimed shard")
+    cli.add_runner_arguments(p.add_argument_group("workers and cluster"), ScoreConfig.runner)
     a = p.parse_args(argv)
     return ScoreConfig(input=a.input, clip_model=a.clip_model, pretrained=a.pretrained, fingerprint=a.fingerprint,
-                       num_workers=a.num_workers, batch_size=a.batch_size, device=a.device, claim_ttl=a.claim_ttl)
+                       batch_size=a.batch_size, device=a.device, runner=cli.runner_config(a, ScoreConfig.runner))
 
 
 def run(config: ScoreConfig) -> int:
     """Run the stage; the exit code (0: every pending shard scored, 1: some failed, 143/130: stopped)."""
-    summary = run_stage(config)
-    if summary["stopped"]:
-        print(f"[score] stopped by {summary['stopped']}: {summary['committed']} shards committed; rerun to "
-              "score the rest", file=sys.stderr, flush=True)
-        return {"SIGTERM": 143, "SIGINT": 130}[summary["stopped"]]
-    for shard, errors in summary["failed"].items():
-        print(f"[score] failed {shard}: {errors[-1]}", file=sys.stderr, flush=True)
-    print(f"[score] done: {summary['committed']} of {summary['shards']} shards scored, "
-          f"{len(summary['failed'])} failed", flush=True)
-    return 1 if summary["failed"] else 0
+    result = score(config)
+    if result.progress is not None and not result.stopped:
+        say("score", f"done: {result.progress.done} of {len(result.plan.tasks)} shards scored, "
+                     f"{len(result.failed)} failed")
+    return result.exit_code
 
 
 @one_line_errors("score")

@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
-import pyarrow.parquet as pq
-
 from dataset import storage
-from dataset.outputs import ShardStore, WdsWriter, build_row, make_ledger, write_parquet
+from dataset.outputs import PARQUET_DIR, WDS_DIR, WdsWriter, build_row, make_ledger, read_rows, write_parquet
+from dataset.protocol import ShardStore
 from dataset.reader import InputSample, ShardReader, expected_samples
 from dataset.wds import iter_samples
 from recaption.engines import Generation, RequestRejected
@@ -26,18 +24,15 @@ from recaption.images import ImageError, PreparedImage, prepare_image
 from recaption.job import CaptionJob
 from recaption.postprocess import clean_caption, quality_flags
 from recaption.prompt import PromptBuilder
+from runner.cluster import process_id
+from runner.records import Outcome, Task
 
 WDS_META = ("key", "uid", "url", "sha256", "width", "height", "finish_reason", "num_tokens", "quality", "fingerprint")
 
 
-@dataclass
-class ShardTask:
-    shard: str
-    path: str
-    attempt: int
-    claim_token: str | None          # the driver's claim; checked right before the commit
-    generation: int = 0              # ledger generation to create (retry-errors: latest + 1)
-    retry_errors: bool = False       # re-caption only the error rows of the committed generation
+@dataclass(frozen=True)
+class ShardTask(Task):
+    path: str = ""                   # the input tar
     stats_path: str | None = None    # img2dataset's {shard}_stats.json: the samples the tar must hold
     max_samples: int | None = None   # read only the first samples (--plan's sample runs)
 
@@ -56,8 +51,14 @@ class ShardFlow:
     def __init__(self, task: ShardTask, job: CaptionJob, fingerprint: str, store: ShardStore,
                  prompts: PromptBuilder, worker: str = ""):
         self.task, self.job, self.fingerprint, self.store, self.prompts = task, job, fingerprint, store, prompts
-        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
-        self.attempt = store.new_attempt(task.shard)
+        self.worker = worker or process_id()
+        if task.attempt_id is None:
+            raise ValueError(f"shard {task.shard}: a task needs an attempt id registered in its claim")
+        self.attempt = store.attempt(task.shard, task.generation, task.attempt_id)
+        entry = storage.stat(task.path)
+        if entry is None:
+            raise FileNotFoundError(f"{task.path}: the input shard is gone")
+        self.input_bytes = entry.size
         expected = expected_samples(storage.read_bytes(task.stats_path)) if task.stats_path else None
         self.reader = ShardReader(task.path, job.limits, expected_samples=expected)
         self.tmp = tempfile.mkdtemp(prefix=f"ov-{task.shard}-")
@@ -72,15 +73,18 @@ class ShardFlow:
             self._load_previous()
 
     def _load_previous(self) -> None:
-        """The committed rows, and its WebDataset samples copied into this attempt's tar first."""
-        ledger = self.store.read_ledger(self.task.shard)
+        """The generation below's rows, and its WebDataset samples copied into this attempt's tar first."""
+        below = self.task.generation - 1
+        ledger = self.store.read_ledger(self.task.shard, below)
         if ledger is None:
-            raise FileNotFoundError(f"--retry-errors: shard {self.task.shard} has no committed ledger")
+            raise FileNotFoundError(f"--retry-errors: shard {self.task.shard} has no committed generation {below}")
         files = self.store.files(ledger)
-        with storage.open_read(files["parquet"]) as f:
-            self.previous = pq.read_table(f).to_pylist()
-        if self.wds is not None and "wds" in files:
-            for sample in iter_samples(files["wds"]):
+        if missing := sorted(set(self.store.kinds) - set(files)):
+            raise ValueError(f"--retry-errors: {self.store.ledger_path(self.task.shard, below)} commits no {missing}; "
+                             "a generation keeps every kind of the one before")
+        self.previous = read_rows(files[PARQUET_DIR])
+        if self.wds is not None:
+            for sample in iter_samples(files[WDS_DIR]):
                 self.wds.add(sample["key"], sample["image_ext"], sample["image"], sample["txt"].decode(),
                              sample["re_caption.txt"].decode(), json.loads(sample["json"]))
 
@@ -129,23 +133,27 @@ class ShardFlow:
             row = build_row(s, shard=self.task.shard, fingerprint=self.fingerprint, error=error, **size)
         self.rows[item.seq] = row
 
-    def commit(self) -> dict:
-        """Write the Parquet and WebDataset files, then commit the ledger if the claim is still ours."""
+    def commit(self, stats: dict) -> Outcome:
+        """Write the Parquet and WebDataset files, then commit (fenced: PROTOCOL.md A3-A4). A sample run
+        (`max_samples`, --plan) writes nothing: its ledger only measures."""
         try:
             rows = [self.rows[seq] for seq in sorted(self.rows)]
             if self.previous is not None:
                 fresh = {r["key"]: r for r in rows}
                 rows = [fresh.get(r["key"], r) for r in self.previous]
+            if self.task.max_samples is not None:
+                return Outcome(self.task.shard, self.attempt.attempt_id, "measured", self._ledger(rows), stats)
             local = os.path.join(self.tmp, "rows.parquet")
             write_parquet(rows, local)
-            self.attempt.put("parquet", local, rows=len(rows))
+            self.attempt.put(PARQUET_DIR, local, rows=len(rows))
             if self.wds is not None:
                 samples = self.wds.samples
                 self.wds.close()
-                self.attempt.put("wds", os.path.join(self.tmp, "samples.tar"), rows=samples)
+                self.attempt.put(WDS_DIR, os.path.join(self.tmp, "samples.tar"), rows=samples)
             ledger = self._ledger(rows)
-            committed = self.attempt.commit(ledger, self.task.generation, self.task.claim_token)
-            return {"shard": self.task.shard, "outcome": "committed" if committed else "lost", "ledger": ledger}
+            kind = self.attempt.commit(ledger)
+            return Outcome(self.task.shard, self.attempt.attempt_id, kind, ledger if kind == "committed" else None,
+                           stats)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -163,8 +171,9 @@ class ShardFlow:
         if self.task.max_samples is not None:  # a sample run (--plan) reads only part of the shard
             stats.update(samples_in=len(rows), duplicates=0)
         return make_ledger(
-            rows, input=self.task.path, fingerprint=self.fingerprint, caption_config=self.job.caption_config(),
+            rows, input=self.task.path, input_bytes=self.input_bytes, fingerprint=self.fingerprint,
+            caption_config=self.job.caption_config(),
             started_at=self.started, finished_at=finished, worker=self.worker, **stats,
             first_request_at=self.first_request, generate_seconds=generating,
             generate_images_per_s=len(self.rows) / generating, generate_tokens_per_s=self.tokens / generating,
-            attempt=self.task.attempt)
+            attempt=self.task.attempt, heal=self.task.heal)

@@ -1,7 +1,7 @@
 """The caption actor: one long-lived engine fed from a bounded window of requests that spans shards.
 
 Threads, one job each:
-- a caption() call per shard (Ray runs them concurrently): starts the shard's reader thread, then
+- a process() call per shard (Ray runs them concurrently): starts the shard's reader thread, then
   turns the shard's results into rows and files, and commits when its last row is back;
 - a reader per shard: reads samples and hands them to the decode pool, at most `prefetch` ahead;
 - the decode pool (--cpus-per-worker threads): image decode + resize + prompt;
@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 import traceback
@@ -33,19 +32,23 @@ from typing import Callable
 from PIL import Image
 
 from dataset.logs import LogFile
-from dataset.outputs import RECAPTION_KINDS, ShardStore
+from dataset.outputs import recaption_kinds
+from dataset.protocol import ShardStore
 from dataset.reader import InputSample
 from recaption.engines import CaptionEngine, Generation, RequestRejected, make_engine
 from recaption.flow import Item, ShardFlow, ShardTask
 from recaption.job import CaptionJob
 from recaption.prompt import PromptBuilder
+from runner.cluster import process_id
+from runner.records import Outcome, WorkerDying
 
 log = logging.getLogger("recaption.worker")
 
 # Test hook: "MODE:AFTER:MARKER", acted on once (by the first process to create MARKER). MODE 'raise':
 # after AFTER requests were added the next engine step fails (an engine error: the worker answers);
 # 'exit': the same step ends the process abruptly (kill -9, a lost node: the worker says nothing);
-# 'start': the worker fails to start.
+# 'start': the worker fails to start; 'stall': the first shard to finish waits right before its commit
+# until MARKER.resume exists (a GC pause, a partition: the driver gives up on it meanwhile).
 FAULT_ENV = "OPENVISION_FAULT_ENGINE"
 # Most requests a window may hold by default; memory is one prepared image per request.
 MAX_DEFAULT_WINDOW = 2048
@@ -53,15 +56,8 @@ MAX_DEFAULT_WINDOW = 2048
 LOG_SYNC_SECONDS = 60.0
 
 
-class EngineDied(RuntimeError):
+class EngineDied(WorkerDying):
     """The engine died while this shard was in the worker; `charged`: the shard had requests in it."""
-
-    def __init__(self, shard: str, charged: bool, reason: str):
-        super().__init__(shard, charged, reason)
-
-    shard = property(lambda self: self.args[0])
-    charged = property(lambda self: self.args[1])
-    reason = property(lambda self: self.args[2])
 
     def __str__(self) -> str:
         where = "had requests in it" if self.charged else "was waiting (not charged)"
@@ -152,11 +148,11 @@ def gpu_ids() -> list:
 
 
 class CaptionWorker:
-    """Created as a Ray actor by recaption/pool.py; usable in-process with a running engine (tests, benchmarks)."""
+    """Created as a Ray actor by runner/pool.py; usable in-process with a running engine (tests, benchmarks)."""
 
     def __init__(self, job: CaptionJob, out: str, fingerprint_base: str, *, engine: CaptionEngine | None = None,
                  log_file: str | None = None, on_engine_death: Callable[[], None] | None = None):
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.name = process_id()
         self.log = LogFile(out, log_file) if log_file else None
         if self.log:
             self.log.capture_process()
@@ -165,7 +161,7 @@ class CaptionWorker:
             raise RuntimeError("injected start failure")
         self.job = job.pinned()
         self.fingerprint = self.job.fingerprint
-        self.store = ShardStore(fingerprint_base, RECAPTION_KINDS)
+        self.store = ShardStore(fingerprint_base, recaption_kinds(self.job.write_wds))
         self.owns_engine = engine is None
         self.engine = engine or make_engine(self.job.engine, self.job.sampling)
         self.prompts = PromptBuilder(self.engine.processor, self.job.prompt)
@@ -180,7 +176,7 @@ class CaptionWorker:
         self.request_log: deque[tuple[float, str, str]] = deque(maxlen=100_000)  # (time, 'add'|'done', id)
         self.on_engine_death = on_engine_death or self._exit_when_answered
         self.lock = threading.Lock()
-        self.feeds: dict[str, Feed] = {}     # every shard in this worker
+        self.feeds: dict[str, Feed] = {}     # every attempt in this worker, by attempt id
         self.order: deque[Feed] = deque()    # shards still sending requests, oldest first
         self.requests: dict[str, tuple[Feed, Item]] = {}   # in the engine, by request id
         self.commands: queue.Queue = queue.Queue()
@@ -207,17 +203,18 @@ class CaptionWorker:
                 "concurrency": self.engine.concurrency, "decode_threads": self.job.decode_threads,
                 "summary": f"window {self.window}, {self.job.decode_threads} decode threads"}
 
-    def caption(self, task: ShardTask) -> dict:
-        """Caption one shard; returns {'shard', 'outcome': 'committed'|'lost'|'abandoned', 'ledger', 'engine'}.
-        Raises when the attempt failed (a read error, EngineDied)."""
+    def process(self, task: ShardTask) -> Outcome:
+        """Caption one shard and commit it; the outcome says whether this attempt committed. Raises when the
+        attempt failed (a read error, EngineDied)."""
         feed = Feed(task.shard, threading.BoundedSemaphore(self.prefetch))
+        attempt_id = task.attempt_id or ""
         with self.lock:   # the shard's place in the engine's order is taken first: calls arrive in send order
             if self.dead:
                 raise EngineDied(task.shard, False, self.dead)
-            if task.shard in self.feeds:
-                raise ValueError(f"shard {task.shard} is already in this worker")
+            if attempt_id in self.feeds:
+                raise ValueError(f"attempt {attempt_id} of shard {task.shard} is already in this worker")
             self.active_calls += 1
-            self.feeds[task.shard] = feed
+            self.feeds[attempt_id] = feed
             self.order.append(feed)
         try:
             feed.flow = ShardFlow(task, self.job, self.fingerprint, self.store, self.prompts, self.name)
@@ -226,7 +223,7 @@ class CaptionWorker:
         finally:
             feed.dropped = feed.dropped or feed.state != "writing"
             with self.lock:
-                self.feeds.pop(task.shard, None)
+                self.feeds.pop(attempt_id, None)
                 self.active_calls -= 1
             if self.log:
                 self.log.sync(every=LOG_SYNC_SECONDS)
@@ -234,15 +231,16 @@ class CaptionWorker:
     def status(self) -> dict:
         """Shards by state ('reading', 'generating', 'writing') and the engine's time so far."""
         with self.lock:
-            shards = {shard: feed.state for shard, feed in self.feeds.items()}
+            shards = {feed.shard: feed.state for feed in self.feeds.values()}
         return {"worker": self.name, "shards": shards, "in_engine": len(self.requests), "window": self.window,
                 "engine": self.clock.stats(), "dead": self.dead}
 
-    def abandon(self, shard: str) -> None:
-        """Drop the shard's queued and in-flight requests and its attempt; its caption() returns 'abandoned'."""
-        feed = self.feeds.get(shard)
-        if feed is not None:
-            feed.messages.put(("stop", None))
+    def abandon(self, shard: str, attempt_id: str | None = None) -> None:
+        """Drop the shard's queued and in-flight requests and its attempt (only `attempt_id`'s, when given); its
+        process() returns 'abandoned'."""
+        for key, feed in list(self.feeds.items()):
+            if feed.shard == shard and attempt_id in (None, key):
+                feed.messages.put(("stop", None))
 
     def close(self) -> None:
         """Stop the engine thread (in-process use); closes the engine if this worker started it."""
@@ -253,7 +251,7 @@ class CaptionWorker:
         if self.owns_engine:
             self.engine.close()
 
-    # ----- one shard: reader thread and the caption() call's side
+    # ----- one shard: reader thread and the process() call's side
 
     def _read(self, feed: Feed) -> None:
         count = 0
@@ -281,7 +279,7 @@ class CaptionWorker:
         except Exception as e:  # an unexpected decode failure is this sample's error, not the shard's
             return Item(seq, sample, error=f"prepare: {type(e).__name__}: {e}")
 
-    def _collect(self, feed: Feed) -> dict:
+    def _collect(self, feed: Feed) -> Outcome:
         answered, total = 0, None
         while total is None or answered < total:
             message = feed.messages.get()
@@ -295,10 +293,25 @@ class CaptionWorker:
                 self.wake.set()
                 feed.flow.abandon()
                 if message[1] is None:
-                    return {"shard": feed.shard, "outcome": "abandoned", "engine": self.clock.stats()}
+                    return Outcome(feed.shard, feed.flow.attempt.attempt_id, "abandoned", None, self.clock.stats())
                 raise message[1]
         feed.state = "writing"
-        return {**feed.flow.commit(), "engine": self.clock.stats()}
+        self._stall_before_commit(feed)
+        outcome = feed.flow.commit(self.clock.stats())
+        if outcome.kind in ("fenced", "lost"):
+            log.warning("attempt %s of shard %s was %s at its commit: its files are deleted", outcome.attempt_id,
+                        outcome.shard, outcome.kind)
+        return outcome
+
+    def _stall_before_commit(self, feed: Feed) -> None:
+        kind, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
+        marker = rest.partition(":")[2]
+        if kind == "stall" and first_to_create(marker):
+            with open(f"{marker}.who", "w") as who:
+                who.write(f"{feed.shard} {feed.flow.attempt.attempt_id}")
+            log.warning("injected stall before a commit, until %s.resume exists", marker)
+            while not os.path.exists(f"{marker}.resume"):
+                time.sleep(0.05)
 
     # ----- the engine thread
 
@@ -346,7 +359,7 @@ class CaptionWorker:
             if item.error:
                 feed.messages.put(("row", item, None))
                 continue
-            request_id = f"{feed.shard}:{feed.flow.task.attempt}:{item.seq}"
+            request_id = f"{feed.shard}:{feed.flow.attempt.attempt_id}:{item.seq}"
             self.adding = feed
             try:
                 self.engine.add(request_id, item.prompt, item.image.image)
@@ -372,7 +385,7 @@ class CaptionWorker:
 
     def _engine_died(self, error: BaseException) -> None:
         log.error("caption engine died in %s:\n%s", self.name, "".join(traceback.format_exception(error)))
-        with self.lock:  # a caption() call either sees `dead` or is in `feeds` here
+        with self.lock:  # a process() call either sees `dead` or is in `feeds` here
             self.dead = f"{type(error).__name__}: {error}"
             feeds = list(self.feeds.values())
         for feed in feeds:
@@ -382,7 +395,7 @@ class CaptionWorker:
         self.on_engine_death()
 
     def _exit_when_answered(self) -> None:
-        """End the actor once every caption() call has answered (shards being written finish first)."""
+        """End the actor once every process() call has answered (shards being written finish first)."""
         deadline = time.time() + 300
         while self.active_calls and time.time() < deadline:
             time.sleep(0.1)

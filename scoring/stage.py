@@ -14,30 +14,38 @@ with the recaption job's scheduler (claims, retries, deadlines, a clean stop, th
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataset import claims, outputs
-from dataset.outputs import Output
-from dataset.reader import ShardReader
-from dataset.scores import SCORE_SCHEMA, is_current, latest_ledgers, register_scorer, score_store
+from dataset import outputs, storage
+from dataset.protocol import Ledger, ShardStore
+from dataset.reader import ReadLimits, ShardReader
+from dataset.scores import SCORE_SCHEMA, is_current, register_scorer, score_store
+from dataset.versions import Output
 from dataset.wds import iter_samples
 from recaption.images import ImageError, prepare_image
+from runner.cluster import process_id
+from runner.planning import Wanted, plan_shards
+from runner.pool import PoolConfig, Sizing
+from runner.records import Outcome, Plan, Task
+from runner.run import RunnerConfig, RunResult, check_storage, logs, run_stage
 from scoring.clip import ClipModelSpec
 
 if TYPE_CHECKING:
     from scoring.clip import ClipScorer
 
-CAPTION_COLUMNS = ["key", "status", "re_caption", "org_caption"]
+NAME = "score"
+# Shards in a scorer at once: one reading its images while another runs its forward passes.
+SCORE_RUNNER = RunnerConfig(pool=PoolConfig(tasks_per_worker=2))
 
 
 @dataclass(frozen=True)
@@ -47,44 +55,45 @@ class ScoreConfig:
     clip_model: str
     pretrained: str | None = None
     fingerprint: str | None = None    # the output version to score; default: the current one
-    num_workers: int | None = None    # actors on the shared scheduler (default: cluster GPUs, 1 on CPU)
     batch_size: int = 256             # images per forward pass
     device: str | None = None         # default: cuda when available, else cpu
-    claim_ttl: float = 120.0          # seconds without renewal before another run may take a shard
+    runner: RunnerConfig = SCORE_RUNNER
 
     @property
     def spec(self) -> ClipModelSpec:
         return ClipModelSpec(self.clip_model, self.pretrained)
 
 
-@dataclass
-class ScoreTask:
-    """One shard to score: the scheduler's unit of work (the caption stage's ShardTask, for scores)."""
-    shard: str
-    attempt: int = 1
-    claim_token: str | None = None    # the scheduler's claim on the stage; checked right before commit
-    generation: int = 0               # score ledger generation to create (rescoring after --retry-errors: +1)
+CAPTION_COLUMNS = ["key", "status", "re_caption", "org_caption"]
 
 
-def pending(output: Output) -> dict[str, int]:
-    """Shard -> score generation to create, for every committed recaption shard without current scores.
+@dataclass(frozen=True)
+class ScoreTask(Task):
+    """One shard to score (generation: of its score ledgers)."""
 
-    One listing of each stage's ledgers, then one read per shard that has scores (to compare the
-    recaption generation they scored with the shard's latest).
-    """
+
+def plan_scores(output: Output, store: ShardStore) -> Plan:
+    """A task for every committed recaption shard without current scores: no score ledger yet, scores of an
+    earlier recaption generation (a --retry-errors), or score files that are gone (the next generation).
+
+    The listings of both stages, then one read per shard with scores (to compare the recaption generation they
+    scored with the shard's latest)."""
     recaptioned = output.store.done()
-    store = score_store(output)
-    scored = store.done()
-    ledgers = latest_ledgers(store, sorted(scored.keys() & recaptioned.keys()))
-    todo = {}
-    for shard, generation in sorted(recaptioned.items()):
-        ledger = ledgers.get(shard)
-        if ledger is None or (ledger.get("source") or {}).get("generation") != generation:
-            todo[shard] = scored[shard] + 1 if shard in scored else 0
-    return todo
+    listing = store.list()
+    scored = listing.done()
+    ledgers = store.read_ledgers({shard: scored[shard] for shard in sorted(scored.keys() & recaptioned.keys())})
+    stale = [shard for shard, generation in recaptioned.items()
+             if (ledger := ledgers.get(shard)) is not None
+             and (ledger.get("source") or {}).get("generation") != generation]
+    wanted = [Wanted(shard, partial(_task, shard)) for shard in sorted(recaptioned)]
+    return plan_shards(store, listing, wanted, redo=stale)
 
 
-def ok_rows(output: Output, ledger: dict) -> list[dict]:
+def _task(shard: str, generation: int, retry_errors: bool, heal: str | None) -> Task:
+    return ScoreTask(shard, generation=generation, heal=heal)
+
+
+def ok_rows(output: Output, ledger: Ledger) -> list[dict]:
     """The ok rows (key, both captions) of a committed recaption shard, through its ledger."""
     path = output.store.files(ledger)[outputs.PARQUET_DIR]
     rows = []
@@ -93,15 +102,24 @@ def ok_rows(output: Output, ledger: dict) -> list[dict]:
     return rows
 
 
-def iter_images(output: Output, ledger: dict) -> Iterator[tuple[str, bytes]]:
-    """(key, image bytes) of the shard's samples: from its committed WDS tar, else from its input tar."""
+def iter_images(output: Output, ledger: Ledger) -> Iterator[tuple[str, bytes]]:
+    """(key, image bytes) of the shard's samples: from its committed WDS tar, else from its input tar, read with
+    the caps it was captioned with, and only if it is still the tar that was captioned (same size)."""
     files = output.store.files(ledger)
     if outputs.WDS_DIR in files:
         for sample in iter_samples(files[outputs.WDS_DIR]):
             yield sample["key"], sample["image"]
-    else:
-        for sample in ShardReader(ledger["input"]):
-            yield sample.key, sample.image or b""
+        return
+    facts: dict = dict(ledger)
+    source = facts["input"]
+    size = storage.size(source)
+    if facts.get("input_bytes") is not None and size != facts["input_bytes"]:
+        raise ValueError(f"{source}: {size:,} bytes, but it had {facts['input_bytes']:,} when shard "
+                         f"{ledger['shard']} was captioned; the images to score are not the ones captioned")
+    caps = (facts.get("caption_config") or output.caption_config).get("input") or {}
+    limits = ReadLimits(**{name: value for name, value in caps.items() if name in ReadLimits.__dataclass_fields__})
+    for sample in ShardReader(source, limits):
+        yield sample.key, sample.image or b""
 
 
 class _Batch:
@@ -119,7 +137,7 @@ class _Batch:
         self.captions["org_clip_score"].append(row["org_caption"] or "")
 
 
-def compute_scores(output: Output, ledger: dict, scorer: ClipScorer, batch_size: int,
+def compute_scores(output: Output, ledger: Ledger, scorer: ClipScorer, batch_size: int,
                    stop: Callable[[], bool] = lambda: False,
                    on_forward: Callable[[float], None] = lambda seconds: None) -> list[dict] | None:
     """SCORE_SCHEMA rows, one per ok row in the shard's row order; None when `stop()` turned true."""
@@ -155,8 +173,8 @@ def compute_scores(output: Output, ledger: dict, scorer: ClipScorer, batch_size:
     return [scored.get(key) or {**missing, "key": key} for key in rows]
 
 
-def score_ledger(rows: list[dict], *, output: Output, recaption: dict, scorer_identity: dict, started_at: float,
-                 worker: str) -> dict:
+def score_ledger(rows: list[dict], *, output: Output, recaption: Ledger, scorer_identity: dict, started_at: float,
+                 worker: str) -> Ledger:
     """A score ledger before `Attempt.commit` adds shard, attempt_id, generation and files."""
     finished_at = time.time()
     errors = Counter(row["error"].split(":", 1)[0] for row in rows if row["error"])
@@ -173,15 +191,16 @@ def score_ledger(rows: list[dict], *, output: Output, recaption: dict, scorer_id
 
 def score_shard(output: Output, task: ScoreTask, scorer: ClipScorer, scorer_identity: dict, *, batch_size: int = 256,
                 worker: str = "", stop: Callable[[], bool] = lambda: False,
-                on_forward: Callable[[float], None] = lambda seconds: None) -> dict:
-    """Score one committed recaption shard and commit the scores; returns the outcome.
+                on_forward: Callable[[float], None] = lambda seconds: None) -> Outcome:
+    """Score one committed recaption shard and commit the scores (fenced: PROTOCOL.md A3-A4).
 
-    {"shard", "outcome": "committed" | "lost" | "abandoned", "ledger"}: committed (by this attempt, or
-    already current: then "already": True), lost (another attempt committed this generation first, or
-    the claim was taken over: this attempt's file is deleted), abandoned (`stop()` turned true). Storage
-    and read errors raise: the attempt failed and the shard stays pending.
+    The outcome is committed (by this attempt, or already current: then its ledger is the current one),
+    lost (another attempt committed this generation first), fenced (the driver gave this attempt up) or
+    abandoned (`stop()` turned true); a lost or fenced attempt's file is deleted. Storage and read errors
+    raise: the attempt failed and the shard stays pending.
     """
     store = score_store(output)
+    attempt_id = task.attempt_id or ""
     recaption = output.store.read_ledger(task.shard)
     if recaption is None:
         raise FileNotFoundError(f"{output.base}: shard {task.shard} has no committed recaption ledger to score")
@@ -190,32 +209,27 @@ def score_shard(output: Output, task: ScoreTask, scorer: ClipScorer, scorer_iden
                          f"{recaption.get('fingerprint')} is not the version's {output.fingerprint}; not scored")
     current = store.read_ledger(task.shard)
     if current is not None and is_current(current, recaption):
-        return {"shard": task.shard, "outcome": "committed", "ledger": current, "already": True}
+        return Outcome(task.shard, attempt_id, "committed", current)
     started_at = time.time()
     rows = compute_scores(output, recaption, scorer, batch_size, stop, on_forward)
     if rows is None:
-        return {"shard": task.shard, "outcome": "abandoned", "ledger": None}
-    attempt = store.new_attempt(task.shard)
+        return Outcome(task.shard, attempt_id, "abandoned")
+    attempt = store.attempt(task.shard, task.generation, attempt_id)
     with tempfile.TemporaryDirectory(prefix="ov-scores-") as tmp:
         local = os.path.join(tmp, f"{task.shard}.parquet")
         pq.write_table(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), local, compression="zstd")
         attempt.put(outputs.PARQUET_DIR, local, rows=len(rows))
     ledger = score_ledger(rows, output=output, recaption=recaption, scorer_identity=scorer_identity,
                           started_at=started_at, worker=worker)
-    if not attempt.commit(ledger, task.generation, task.claim_token):
-        return {"shard": task.shard, "outcome": "lost", "ledger": store.read_ledger(task.shard, task.generation)}
-    return {"shard": task.shard, "outcome": "committed", "ledger": ledger}
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    kind = attempt.commit(ledger)
+    return Outcome(task.shard, attempt_id, kind, ledger if kind == "committed" else None)
 
 
 class ScoreWorker:
     """The score stage's actor: one model, shards scored one forward pass at a time.
 
-    Created with `ray.remote(num_gpus=...)(ScoreWorker).options(max_concurrency=...)` by the scheduler;
-    with max_concurrency > 1, one shard's reading overlaps another's forward passes (the model lock).
+    Created as a Ray actor by runner/pool.py; with several tasks per worker, one shard's reading overlaps another's
+    forward passes (the model lock).
     """
 
     def __init__(self, out: str, fingerprint: str, spec: ClipModelSpec, batch_size: int = 256,
@@ -239,12 +253,12 @@ class ScoreWorker:
     def ready(self) -> dict:
         """The model is loaded: where, and which."""
         device = self.scorer.scorer.device
-        return {"worker": worker_name(), "model": self.identity, "device": device,
+        return {"worker": process_id(), "model": self.identity, "device": device,
                 "context_length": self.scorer.scorer.context_length,
                 "summary": f"{self.spec.describe()} on {device}, batch {self.batch_size}"}
 
-    def process(self, task: ScoreTask) -> dict:
-        """Score and commit one shard; the outcome dict of `score_shard` (raises when the attempt failed)."""
+    def process(self, task: ScoreTask) -> Outcome:
+        """Score and commit one shard; the outcome of `score_shard` (raises when the attempt failed)."""
         self.abandoned.discard(task.shard)
         self.states[task.shard] = "scoring"
 
@@ -253,7 +267,7 @@ class ScoreWorker:
 
         try:
             return score_shard(self.output, task, self.scorer, self.identity, batch_size=self.batch_size,
-                               worker=worker_name(), stop=lambda: task.shard in self.abandoned,
+                               worker=process_id(), stop=lambda: task.shard in self.abandoned,
                                on_forward=forward_done)
         finally:
             self.states.pop(task.shard, None)
@@ -264,7 +278,7 @@ class ScoreWorker:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         return {"shards": dict(self.states), "busy_share": self.forward_seconds / elapsed}
 
-    def abandon(self, shard: str) -> None:
+    def abandon(self, shard: str, attempt_id: str | None = None) -> None:
         """Stop scoring the shard at its next image; nothing of it is committed."""
         if shard in self.states:
             self.abandoned.add(shard)
@@ -281,59 +295,38 @@ class _LockedScorer:
             return self.scorer.scores(images, captions)
 
 
-def run_stage(config: ScoreConfig, *, progress_every: float = 30.0, verbose: bool = False) -> dict:
-    """Score every pending shard on a pool of `ScoreWorker` actors under the recaption job's scheduler
-    (claims, retries, deadlines, a clean stop); the sweep of dead attempts' files comes last.
+class ScoreStage:
+    """The score stage as the runner sees it (runner/stage.py)."""
+    name = NAME
+    worker = ScoreWorker
+    tensor_parallel_size = 1
 
-    Returns {"shards", "committed", "failed": {shard: errors}, "stopped": signal name or None}.
-    """
-    from dataset.logs import LogFile
-    from recaption.driver import holder_id, init_ray
-    from recaption.pool import ClusterView, Pool, PoolConfig, size_workers
-    from recaption.progress import Progress
-    from recaption.scheduler import Scheduler, SchedulerConfig, run_to_the_end
+    def __init__(self, config: ScoreConfig, output: Output):
+        self.config, self.output = config, output
+        self.out, self.store = config.input, score_store(output)
 
-    output = Output.open(config.input, config.fingerprint)
-    store = score_store(output)
-    todo = pending(output)
-    say(f"{len(output.store.done())} committed shards in {output.base}, {len(todo)} to score with "
-        f"{config.spec.describe()}")
-    summary = {"shards": len(todo), "committed": 0, "failed": {}, "stopped": None}
-    if not todo:
-        return summary
-    register_scorer(store, config.spec.identity())   # another model's scores: refused here, before any actor
-    import ray
+    def plan(self) -> Plan:
+        plan = plan_scores(self.output, self.store)
+        if plan.tasks:   # another model's scores: refused here, before any actor starts
+            register_scorer(self.store, self.config.spec.identity())
+        return plan
 
-    log = LogFile(config.input, "score-driver.log")
-    if not verbose:
-        log.capture_libraries()
-    try:
-        started_here = init_ray(verbose)
-        view = ClusterView(gpus=ray.cluster_resources().get("GPU", 0), started_here=started_here)
-        workers = PoolConfig(num_workers=config.num_workers, tasks_per_worker=2)
-        sizing = size_workers(view, workers, tensor_parallel_size=1, pending_shards=len(todo))
-        say(f"starting {sizing.line()}")
-        pool = Pool(ScoreWorker, (config.input, output.fingerprint, config.spec, config.batch_size, config.device),
-                    config.input, sizing, workers, method="process", name="score", verbose=verbose)
-        pool.start()
-        tasks = [ScoreTask(shard, generation=generation) for shard, generation in todo.items()]
-        progress = Progress("score", len(tasks), len(tasks), progress_every)
-        scheduler = Scheduler("score", tasks, store, claims.Claims(store.base, holder_id(), config.claim_ttl), pool,
-                              progress, SchedulerConfig(claim_ttl=config.claim_ttl))
+    def describe(self) -> str:
+        return f"{self.config.spec.describe()}, {self.output.describe()}"
 
-        def tick() -> None:
-            if progress.should_print():
-                say(f"shards {progress.done}/{progress.total} scored, {progress.failed} failed | "
-                    f"{progress.rates({}).images_per_s:.1f} images/s | ETA {progress.eta()}")
+    def worker_args(self, sizing: Sizing) -> tuple:
+        c = self.config
+        return c.input, self.output.fingerprint, c.spec, c.batch_size, c.device
 
-        scheduler.on_tick = tick
-        summary["stopped"] = run_to_the_end(scheduler)
-    finally:
-        log.sync()
-        log.close()
-    summary.update(committed=progress.done, failed=scheduler.failed)
-    return summary
+    def worker_env(self) -> dict[str, str]:
+        return {}
 
 
-def say(text: str) -> None:
-    print(f"[score] {text}", flush=True)
+def score(config: ScoreConfig) -> RunResult:
+    """Score every pending shard of the output version on a pool of `ScoreWorker` actors (runner/run.py)."""
+    with logs(config.input, "score-driver.log", config.runner.verbose) as log:
+        output = Output.open(config.input, config.fingerprint)
+        refused = check_storage(config.input, config.runner.single_writer)
+        if refused:
+            raise ValueError(refused)
+        return run_stage(ScoreStage(config, output), config.runner, log)

@@ -1,16 +1,25 @@
 """Reading what a run committed, through its ledgers (the only way a reader finds data files)."""
 from __future__ import annotations
 
-import io
-
-import pyarrow.parquet as pq
+from dataclasses import replace
+from typing import TypeVar
 
 from dataset import storage
-from dataset.outputs import RECAPTION_KINDS, ShardStore
+from dataset.claims import Claims
+from dataset.outputs import RECAPTION_KINDS, read_rows
+from dataset.protocol import ShardStore, new_attempt_id
+from dataset.versions import JOB_FILE, Output
+from runner.records import Task
+
+T = TypeVar("T", bound=Task)
 
 
 def store(base: str) -> ShardStore:
-    return ShardStore(str(base), RECAPTION_KINDS)
+    """The current version's shards when `base` is an output, else a store of both kinds at `base`."""
+    base = str(base)
+    if storage.exists(storage.join(base, JOB_FILE)):
+        return Output.open(base).store
+    return ShardStore(base, RECAPTION_KINDS)
 
 
 def files(base: str, shard: str) -> dict[str, str]:
@@ -22,7 +31,7 @@ def files(base: str, shard: str) -> dict[str, str]:
 
 
 def rows(base: str, shard: str) -> list[dict]:
-    return pq.read_table(io.BytesIO(storage.read_bytes(files(base, shard)["parquet"]))).to_pylist()
+    return read_rows(files(base, shard)["parquet"])
 
 
 def keys(base: str) -> list[str]:
@@ -40,3 +49,17 @@ def assert_only_fixed_rows_changed(before: dict[str, dict], after: dict[str, dic
         else:
             assert row == before[key]
 
+
+
+_claims: dict[str, Claims] = {}
+
+
+def registered(task: T, base) -> T:
+    """What a driver does before it sends a task: a new attempt registered in the shard's claim (PROTOCOL.md A1)."""
+    claims = _claims.setdefault(str(base), Claims(str(base), "test driver", ttl=3600))
+    attempt_id = new_attempt_id()
+    if task.shard in claims.held:
+        assert claims.register(task.shard, attempt_id, task.generation)
+    else:
+        assert claims.acquire(task.shard, attempt_id, task.generation), f"{task.shard} is claimed by another driver"
+    return replace(task, attempt_id=attempt_id)

@@ -14,7 +14,7 @@ import tomllib
 import yaml
 from packaging.requirements import Requirement
 
-from recaption.pool import ClusterView, size_workers
+from runner.pool import ClusterView, size_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -131,7 +131,7 @@ def test_rayjob_runs_recaption_on_gpu_workers():
         assert gpus >= 1, f"worker group {group['groupName']} requests no GPU"
         cluster_gpus += gpus * group["replicas"]
         cluster_cpus += int(worker["resources"]["limits"]["cpu"]) * group["replicas"]
-    sizing = size_workers(ClusterView(gpus=cluster_gpus, started_here=False), cfg.pool,
+    sizing = size_workers(ClusterView(gpus=cluster_gpus, started_here=False), cfg.runner.pool,
                           cfg.job.engine.tensor_parallel_size, pending_shards=10**6)
     assert sizing.workers * sizing.gpus == cluster_gpus, "the job's workers must use exactly the cluster's GPUs"
     assert sizing.workers * sizing.cpus <= cluster_cpus, "the workers' CPUs must fit the pods"

@@ -1,183 +1,54 @@
-"""The output contract on a local folder and on S3: attempts, exclusive commits, generations, done-listing,
-cleanup, versions and the read side."""
+"""The recaption output contract: rows, versions (V1-V3), and reading through ledgers (R1-R2)."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from dataset import outputs, storage
-from dataset.claims import Claims
-from dataset.outputs import ATTEMPT_ID, FingerprintMismatch, Output, ShardStore
+from dataset.protocol import claimed_attempt
 from dataset.reader import InputSample
 from dataset.synthetic import finished_runs
+from dataset.versions import JOB_FILE, FingerprintMismatch, Output
 
 
-def attempt_with_files(store: ShardStore, shard: str, tmp_path: Path) -> outputs.Attempt:
-    """An attempt that has put both its files; each file's bytes name the attempt."""
-    attempt = store.new_attempt(shard)
-    for kind in store.kinds:
-        local = tmp_path / f"{attempt.attempt_id}.{kind}"
-        local.write_bytes(f"{kind} of {attempt.attempt_id}".encode())
-        attempt.put(kind, str(local), rows=1)
-    return attempt
-
-
-def listed(store: ShardStore) -> list[str]:
-    """Every data file under the store, relative to its base."""
-    return sorted(f"{kind}/{storage.basename(p)}" for kind in store.kinds
-                  for p in storage.list_files(storage.join(store.base, kind)))
-
-
-def test_two_attempts_of_one_shard_leave_one_ledger_and_the_winners_files(root, tmp_path):
-    store = Output.register(root, "fp1", {}, new_version=False).store
-    first, second = attempt_with_files(store, "00000", tmp_path), attempt_with_files(store, "00000", tmp_path)
-    assert ATTEMPT_ID.fullmatch(first.attempt_id) and first.attempt_id != second.attempt_id
-    assert first.path("parquet") != second.path("parquet")
-
-    assert first.commit({"ok": 1}) is True
-    assert second.commit({"ok": 1}) is False
-
-    ledger = store.read_ledger("00000")
-    assert (ledger["attempt_id"], ledger["generation"], ledger["shard"]) == (first.attempt_id, 0, "00000")
-    for kind, path in store.files(ledger).items():
-        assert storage.read_bytes(path) == f"{kind} of {first.attempt_id}".encode()
-        assert ledger["files"][kind]["bytes"] == len(storage.read_bytes(path))
-    assert not storage.exists(second.path("parquet")) and not storage.exists(second.path("wds"))
-    assert listed(store) == sorted(e["path"] for e in ledger["files"].values())
-
-
-def test_racing_commits_have_one_winner(root, tmp_path):
-    store = ShardStore(root, outputs.RECAPTION_KINDS)
-    attempts = [attempt_with_files(store, "00001", tmp_path) for _ in range(4)]
-    start = threading.Barrier(len(attempts))
-    won = {}
-
-    def commit(attempt: outputs.Attempt) -> None:
-        start.wait()
-        won[attempt.attempt_id] = attempt.commit({})
-
-    threads = [threading.Thread(target=commit, args=(a,)) for a in attempts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [attempt_id for attempt_id, ok in won.items() if ok]
-    assert len(winners) == 1 and store.read_ledger("00001")["attempt_id"] == winners[0]
-    assert listed(store) == [f"{kind}/00001.{winners[0]}.{ext}" for kind, ext in sorted(store.kinds.items())]
-
-
-def test_a_commit_under_a_claim_no_longer_ours_loses_and_removes_its_files(root, tmp_path):
-    store = Output.register(root, "fp1", {}, new_version=False).store
-    paused = Claims(store.base, "paused", ttl=60)
-    old_token = paused.acquire("00000")
-    late = attempt_with_files(store, "00000", tmp_path)
-    paused.release("00000")                                # the claim moves on while the attempt is not looking
-    new_token = Claims(store.base, "other", ttl=60).acquire("00000")
-    assert old_token and new_token and new_token != old_token
-
-    assert late.commit({"ok": 1}, claim_token=old_token) is False
-    assert not any(storage.exists(late.path(kind)) for kind in store.kinds)
-    assert store.read_ledger("00000") is None
-    owner = attempt_with_files(store, "00000", tmp_path)
-    assert owner.commit({"ok": 1}, claim_token=new_token) is True
-    assert store.read_ledger("00000")["attempt_id"] == owner.attempt_id
-
-
-def test_a_generation_commit_switches_the_whole_view_at_once(root, tmp_path):
-    store = ShardStore(root, outputs.RECAPTION_KINDS)
-    assert attempt_with_files(store, "00002", tmp_path).commit({"error": 3})
-    seen: list[tuple[bytes, ...]] = []
-    stop = threading.Event()
-
-    def read() -> None:  # resolves and reads the shard's files over and over while generations commit
-        while not stop.is_set():
-            files = store.files(store.read_ledger("00002"))
-            seen.append(tuple(storage.read_bytes(files[kind]).split(b" of ")[1] for kind in ("parquet", "wds")))
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    for generation in range(1, 4):
-        assert attempt_with_files(store, "00002", tmp_path).commit({"error": 3 - generation}, generation)
-    late = attempt_with_files(store, "00002", tmp_path)
-    assert late.commit({}, 3) is False and not storage.exists(late.path("wds"))
-    stop.set()
-    reader.join()
-
-    assert seen and all(parquet_of == wds_of for parquet_of, wds_of in seen)   # never a mix of two attempts
-    assert store.done() == {"00002": 3}
-    assert store.read_ledger("00002")["error"] == 0 and store.read_ledger("00002", 0)["error"] == 3
-    assert storage.exists(store.ledger_path("00002", 2))
-
-
-@pytest.mark.parametrize("shards", [10, 100])
-def test_done_is_one_listing_whatever_the_number_of_shards(s3_bucket, shards):
-    store = ShardStore(f"{s3_bucket}/out", outputs.RECAPTION_KINDS)
-    for i in range(shards):
-        assert store.new_attempt(f"{i:05d}").commit({})
-    assert store.new_attempt("00003").commit({}, generation=1)   # a --retry-errors generation
-    storage.REQUESTS.clear()
-
-    done = store.done()
-
-    assert done == {f"{i:05d}": 1 if i == 3 else 0 for i in range(shards)}
-    assert storage.REQUESTS == {"list": 1}    # one page of the ledger listing, no per-shard reads
-
-
-def test_sweep_and_clean_leftovers_leave_only_committed_files(root, tmp_path):
-    store = ShardStore(root, outputs.RECAPTION_KINDS)
-    committed = attempt_with_files(store, "00000", tmp_path)
-    assert committed.commit({})
-    attempt_with_files(store, "00000", tmp_path)                        # died after its upload
-    attempt_with_files(store, "00001", tmp_path)                        # died, never claimed (single writer)
-    released = Claims(root, "gone", ttl=60)
-    released.acquire("00002")
-    attempt_with_files(store, "00002", tmp_path)                        # died, its driver released the claim
-    released.release("00002")
-    replaced = attempt_with_files(store, "00003", tmp_path)             # generation 0, replaced by 1
-    assert replaced.commit({}) and attempt_with_files(store, "00003", tmp_path).commit({}, 1)
-    live = Claims(root, "running", ttl=60)
-    token = live.acquire("00004")
-    in_flight = attempt_with_files(store, "00004", tmp_path)            # another driver's, still running
-    ours = attempt_with_files(store, "00005", tmp_path)                 # this driver's, in flight
-
-    deleted = store.sweep(skip={"00005"})
-
-    assert len(deleted) == 8
-    expected = {ledger_paths for shard, generation in store.done().items()
-                for ledger_paths in store.files(store.read_ledger(shard, generation)).values()}
-    for attempt in (in_flight, ours):
-        expected |= {attempt.path(kind) for kind in store.kinds}
-    assert sorted(storage.join(store.base, rel) for rel in listed(store)) == sorted(expected)
-
-    assert token and store.clean_leftovers("00004") == sorted(in_flight.path(k) for k in store.kinds)
-    assert store.clean_leftovers("00000") == []
-    assert storage.read_bytes(committed.path("wds")) == f"wds of {committed.attempt_id}".encode()
-
-
-def test_new_version_keeps_the_old_version_readable(root):
+def test_a_new_version_becomes_current_only_when_complete(root):
     finished_runs.write_recaption_outputs(root, 2, 5, errors_per_shard=1, fingerprint="a" * 16, image_size=16)
     old = Output.open(root)
     old_files = {path: storage.read_bytes(path) for shard in outputs.load_finished(root).by_shard
                  for path in old.store.files(old.store.read_ledger(shard)).values()}
 
     with pytest.raises(FingerprintMismatch, match="--new-version"):
-        Output.register(root, "b" * 16, {"model": "other"}, new_version=False)
-    new = Output.register(root, "b" * 16, {"model": "other"}, new_version=True)
-    assert new.base == storage.join(root, "versions", "b" * 16) and Output.open(root) == new
-    finished_runs.write_recaption_outputs(root, 3, 5, errors_per_shard=1, fingerprint="b" * 16, image_size=16)
+        Output.register(root, "b" * 16, {"model": "other"}, new_version=False, kinds=outputs.RECAPTION_KINDS)
+    new = Output.register(root, "b" * 16, {"model": "other"}, new_version=True, kinds=outputs.RECAPTION_KINDS)
+    assert new.base == storage.join(root, "versions", "b" * 16) and not new.current and not new.complete
+    assert Output.open(root).fingerprint == "a" * 16, "V2: readers keep the complete version meanwhile"
+    with pytest.raises(FingerprintMismatch, match="another version"):   # a rerun without the flag is refused
+        Output.register(root, "b" * 16, {"model": "other"}, new_version=False, kinds=outputs.RECAPTION_KINDS)
+    assert Output.register(root, "b" * 16, {}, new_version=True, kinds=outputs.RECAPTION_KINDS) == new
 
+    finished_runs.write_recaption_outputs(root, 3, 5, errors_per_shard=1, fingerprint="b" * 16, image_size=16,
+                                          new_version=True)
+    assert outputs.load_finished(root).fingerprint == "a" * 16
+    assert len(outputs.load_finished(root, "b" * 16).ledgers) == 3
+    made = new.mark_complete()
+    assert made.current and made.complete and Output.open(root).fingerprint == "b" * 16
     assert len(outputs.load_finished(root).ledgers) == 3
     before = outputs.load_finished(root, "a" * 16)
     assert before.fingerprint == "a" * 16 and sorted(before.by_shard) == ["00000", "00001"]
     assert {path: storage.read_bytes(path) for path in old_files} == old_files
     assert pq.read_table(before.parquet("00000")).column("fingerprint").to_pylist() == ["a" * 16] * 5
-    assert Output.register(root, "a" * 16, {}, new_version=True) == old   # back to the first version
     with pytest.raises(ValueError, match="has no version c"):
         Output.open(root, "c" * 16)
+
+
+def test_every_run_of_a_version_writes_its_kinds(root):
+    """V3 (issue 19, case 5): a version written with WDS refuses a run with --no-wds, and the other way round."""
+    Output.register(root, "a" * 16, {}, new_version=False, kinds=outputs.recaption_kinds(write_wds=True))
+    with pytest.raises(ValueError, match="committed as parquet \\+ wds; this run would write parquet.*drop --no-wds"):
+        Output.register(root, "a" * 16, {}, new_version=False, kinds=outputs.recaption_kinds(write_wds=False))
 
 
 def test_a_ledger_that_does_not_parse_counts_as_absent(tmp_path, caplog):
@@ -191,10 +62,17 @@ def test_a_ledger_that_does_not_parse_counts_as_absent(tmp_path, caplog):
     assert sorted(run.by_shard) == ["00000"]
     assert run.skipped == [("00001", f"ledger {store.ledger_path('00001', 1)} does not parse")]
 
-    Path(store.ledger_path("00000")).write_text("")          # a shard whose only ledger is damaged:
-    attempt_with_files(store, "00000", tmp_path)             # no file of it is deleted on its word
-    assert store.sweep(set()) == [] and store.clean_leftovers("00000") == []
-    assert len(store.data_files("00000")["00000"]) == 4
+
+def test_readers_skip_shards_whose_files_are_not_as_committed(tmp_path):
+    out = str(tmp_path / "out")
+    finished_runs.write_recaption_outputs(out, 3, 4, image_size=16)
+    run = outputs.load_finished(out)
+    storage.delete(run.wds("00001"))
+    Path(run.parquet("00002")).write_bytes(b"short")
+    again = outputs.load_finished(out)
+    assert sorted(again.by_shard) == ["00000"]
+    reasons = dict(again.skipped)
+    assert "is missing" in reasons["00001"] and "has 5 bytes, its ledger says" in reasons["00002"]
 
 
 def test_rows_follow_the_schema(tmp_path):
@@ -220,24 +98,41 @@ def test_rows_follow_the_schema(tmp_path):
 
 
 def test_names_and_stages(tmp_path):
-    output = Output.register(str(tmp_path), "fp", {}, new_version=False)
-    scores = output.stage("clip_scores")
+    output = Output.register(str(tmp_path), "fp", {}, new_version=False, kinds=outputs.RECAPTION_KINDS)
+    scores = output.stage("clip_scores", {"parquet": "parquet"})
     assert scores.base == str(tmp_path / "clip_scores") and scores.kinds == {"parquet": "parquet"}
     with pytest.raises(ValueError, match="'wds' is not a kind"):
-        scores.new_attempt("00000").path("wds")
+        scores.attempt("00000", 0, "a" * 12).path("wds")
     for bad in ("a~1", "", ".hidden", "a/b"):
         with pytest.raises(ValueError, match="cannot name a shard"):
-            output.store.new_attempt(bad)
-    assert json.loads((tmp_path / outputs.JOB_FILE).read_text())["versions"]["fp"]["root"] == ""
+            output.store.attempt(bad, 0, "a" * 12)
+    assert json.loads((tmp_path / JOB_FILE).read_text())["versions"]["fp"]["root"] == ""
 
 
-def test_training_data_from_an_output_folder_is_its_committed_wds_files(tmp_path):
+def test_training_data_from_an_output_is_its_committed_files_and_listing_inside_it_is_refused(tmp_path):
+    """R2 (issue 19, case 7): OUT, OUT/wds and OUT/parquet resolve through the ledgers; a glob or a brace range
+    inside an output would also match in-flight, losing and superseded files, and is refused with what works."""
     out = str(tmp_path / "out")
     finished_runs.write_recaption_outputs(out, 3, 4)
     run = outputs.load_finished(out)
     committed = [run.wds(shard) for shard in sorted(run.by_shard)]
-    leftover = Path(out, "wds", "00001.deadattempt0.tar")    # a killed attempt's file, not yet swept
+    leftover = Path(out, "wds", "00001~0.deadattempt0.tar")    # a killed attempt's file, not yet cleaned up
     leftover.write_bytes(Path(committed[1]).read_bytes())
 
     assert outputs.wds_shards(out) == committed
-    assert str(leftover) in outputs.wds_shards(f"{out}/wds/*.tar"), "a glob is taken literally"
+    assert outputs.wds_shards(f"{out}/wds") == committed
+    assert outputs.committed_files(f"{out}/parquet", "parquet") == [run.parquet(s) for s in sorted(run.by_shard)]
+    for spec in (f"{out}/wds/*.tar", f"{out}/wds/{{00000..00002}}~0.*.tar", f"{out}/*"):
+        with pytest.raises(ValueError, match=f"inside the recaption output {out}.*pass the output itself"):
+            outputs.wds_shards(spec)
+    with claimed_attempt(run.store, "00001", 1) as attempt:     # a new generation: readers move with it
+        for kind in ("parquet", "wds"):
+            local = tmp_path / kind
+            local.write_bytes(Path(run.store.files(run.by_shard["00001"])[kind]).read_bytes())
+            attempt.put(kind, str(local), rows=4)
+        assert attempt.commit(dict(run.by_shard["00001"])) == "committed"
+    assert outputs.wds_shards(out)[1] == attempt.path("wds")
+    elsewhere = tmp_path / "shards"
+    elsewhere.mkdir()
+    (elsewhere / "00000.tar").write_bytes(b"")
+    assert outputs.wds_shards(f"{elsewhere}/*.tar") == [str(elsewhere / "00000.tar")]

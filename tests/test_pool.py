@@ -4,6 +4,7 @@ Ray starts once for the module with 4 declared GPUs and 8 declared CPUs (resourc
 null backend needs no real GPU). The CLI runs in-process and attaches to it, as under `ray job submit`.
 """
 import json
+import re
 import time
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from dataset.synthetic.input_shards import write_shards
 from pipelines import recaption as recaption_cli
 from recaption.engines import EngineConfig
 from recaption.job import CaptionJob
-from recaption.pool import ClusterView, Pool, PoolConfig, Sizing, size_workers
 from recaption.worker import FAULT_ENV, CaptionWorker
+from runner.pool import ClusterView, Pool, PoolConfig, Sizing, size_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,8 @@ def test_declared_gpus_start_2_workers_holding_2_gpus_each(ray_cluster, tiny_mod
     sizing = size_workers(ClusterView(ray_cluster.cluster_resources()["GPU"], started_here=False), PoolConfig(),
                           tensor_parallel_size=2, pending_shards=10)
     job = CaptionJob(EngineConfig(tiny_model, backend="null", tensor_parallel_size=2)).pinned()
-    pool = Pool(CaptionWorker, (job, str(tmp_path), str(tmp_path)), str(tmp_path), sizing, PoolConfig())
+    pool = Pool(CaptionWorker, (job, str(tmp_path), str(tmp_path)), str(tmp_path), sizing, PoolConfig(),
+                name="recaption")
     pool.start()
     try:
         deadline = time.time() + 120
@@ -152,3 +154,21 @@ def test_plan_measures_a_sample_and_projects_the_cost_without_writing_outputs(ra
     assert code == 0 and not out.exists()
     assert "plan: 16 images of shard 00000 on one worker" in printed
     assert "5 shards x ~20 images" in printed and "~100 images" in printed and "at the given price" in printed
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_start_are_waited_for_visibly_then_the_run_stops_naming_the_resource(
+        ray_cluster, tiny_model, tmp_path, capsys):
+    """The cluster has 4 GPUs; a worker asking for 8 cannot start. The job says what it waits for, and stops."""
+    write_shards(tmp_path / "in", shards=1, per_shard=2)
+
+    code = run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", tiny_model,
+                   "--backend", "null", "--gpus-per-worker", "8", "--progress-every", "1", "--start-timeout", "4")
+
+    printed = capsys.readouterr()
+    assert code == 1
+    assert re.search(r"waiting \d+ s for 1 worker x \(8 GPU, 4 CPU\) to start: the cluster has 4 of 4 GPUs and "
+                     r"\d+ of 8 CPUs free \(stops after 4 s: --start-timeout\)", printed.out), printed.out
+    assert ("no recaption worker started in 4 s: each needs 8 GPU per worker but the cluster has 4 GPUs (on CPUs: "
+            "--gpus-per-worker 0 --cpus-per-worker 1)") in printed.err
+    assert "--start-timeout" in printed.err

@@ -7,9 +7,12 @@ import json
 import re
 import shutil
 import statistics
+import tarfile
+import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
+import committed
 import datasets
 import huggingface_hub
 import pyarrow.parquet as pq
@@ -21,13 +24,16 @@ from markdown_it import MarkdownIt
 from real_run import HOSTILE_CAPTIONS, real_run
 
 from dataset import publish, storage
-from dataset.outputs import Output
-from dataset.scores import ScoresIncomplete
+from dataset.destinations import ConcurrentPublish
+from dataset.outputs import RECAPTION_KINDS
+from dataset.protocol import claimed_attempt
+from dataset.scores import ScoresIncomplete, score_store
 from dataset.synthetic import finished_runs
+from dataset.versions import Output
 from dataset.wds import takes_recaption
 from pipelines import publish as publish_cli
 from scoring.clip import ClipModelSpec
-from scoring.stage import ScoreConfig, ScoreTask, ScoreWorker, run_stage
+from scoring.stage import ScoreConfig, ScoreTask, ScoreWorker, score
 from scoring.tiny import build_tiny_clip
 
 SHARDS, PER_SHARD, ERRORS = 3, 400, 4
@@ -43,8 +49,13 @@ def make_out(out: str) -> int:
     store = Output.open(out).store
     storage.delete(store.ledger_path("00003"))                 # not finished: data files without a ledger
     foreign = store.read_ledger("00004")                       # a later generation from another fingerprint
-    assert store.new_attempt("00004").commit({**foreign, "fingerprint": "another-run"}, generation=1)
-    assert store.data_files("00003")["00003"]
+    with claimed_attempt(store, "00004", 1) as attempt, tempfile.TemporaryDirectory() as tmp:
+        for kind, path in store.files(foreign).items():
+            local = Path(tmp, kind)
+            local.write_bytes(storage.read_bytes(path))
+            attempt.put(kind, str(local), rows=foreign["files"][kind]["rows"])
+        assert attempt.commit({**foreign, "fingerprint": "another-run"}) == "committed"
+    assert store.list().data["00003"]
     return run["rows"]["ok"] - 2 * (PER_SHARD - ERRORS)
 
 
@@ -97,8 +108,8 @@ def check_published(folder: Path, ok_rows: int, cache: Path, columns: list[str])
     by_split = {}
     for entry in meta["configs"][0]["data_files"]:
         by_split[entry["split"]] = sorted(f for f in parquet if fnmatch.fnmatch(f, entry["path"]))
-    assert sorted(by_split["train"] + by_split["preview"]) == sorted(parquet)
-    assert by_split["preview"] == ["data/preview-00000-of-00001.parquet"]
+    assert sorted(by_split["train"] + by_split["preview"]) == sorted(parquet), "only this publish's files"
+    assert [Path(f).name for f in by_split["preview"]] == ["preview-00000-of-00001.parquet"]
     n = len(by_split["train"])
     assert [Path(f).name for f in by_split["train"]] == [f"train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
     assert [f["name"] for f in meta["dataset_info"]["features"]] == columns
@@ -123,10 +134,10 @@ def test_local_publish_loads_and_replaces_stale_files(out, tmp_path, capsys):
     dest = tmp_path / "dest"
     publish.publish(src, str(dest), target_bytes=20 * KB, row_group_bytes=20 * KB)
     printed = capsys.readouterr().out
-    assert "3 committed shards (fingerprint ffffffffffffffff), 2 skipped" in printed
+    assert "3 committed shards of version ffffffffffffffff (current, complete), 2 skipped" in printed
     assert "skipped 00003: no ledger" in printed and "skipped 00004: ledger fingerprint another-run" in printed
     assert "CLIP scores: none for these shards" in printed
-    train = sorted(dest.glob("data/train-*.parquet"))
+    train = sorted(dest.glob("data/*/train-*.parquet"))
     assert len(train) == SHARDS
     assert pq.ParquetFile(train[0]).metadata.num_row_groups > 1    # rows were cut at ~20 kB row groups
     check_published(dest, ok_rows, tmp_path / "cache1", unscored_columns())
@@ -136,8 +147,8 @@ def test_local_publish_loads_and_replaces_stale_files(out, tmp_path, capsys):
     assert "Please generate a detailed caption of this image\\." in body and "**CLIP scores**: not computed" in body
 
     publish.publish(src, str(dest))                               # defaults: one file, one row group
-    assert [p.name for p in dest.glob("data/train-*.parquet")] == ["train-00000-of-00001.parquet"]
-    assert pq.ParquetFile(next(dest.glob("data/train-*"))).metadata.num_row_groups == 1
+    assert [p.name for p in dest.glob("data/*/train-*.parquet")] == ["train-00000-of-00001.parquet"]
+    assert pq.ParquetFile(next(dest.glob("data/*/train-*"))).metadata.num_row_groups == 1
     assert "removed stale" in capsys.readouterr().out
     check_published(dest, ok_rows, tmp_path / "cache2", unscored_columns())
 
@@ -146,9 +157,9 @@ def test_nested_folders_past_files_per_folder(out, tmp_path):
     src, ok_rows = out
     dest = tmp_path / "dest"
     publish.publish(src, str(dest), target_bytes=1, files_per_folder=2)
-    assert sorted(str(p.relative_to(dest)) for p in dest.glob("data/*/*.parquet")) == [
-        "data/0000/train-00000-of-00003.parquet", "data/0000/train-00001-of-00003.parquet",
-        "data/0001/train-00002-of-00003.parquet"]
+    assert sorted(str(p.relative_to(dest)).split("/", 2)[2] for p in dest.glob("data/*/*/*.parquet")) == [
+        "0000/train-00000-of-00003.parquet", "0000/train-00001-of-00003.parquet",
+        "0001/train-00002-of-00003.parquet"]
     check_published(dest, ok_rows, tmp_path / "cache", unscored_columns())
 
 
@@ -157,7 +168,7 @@ def test_dry_run_prints_plan_and_writes_nothing(out, tmp_path, capsys, monkeypat
     dest = tmp_path / "dest"
     publish_cli.main(["--input", src, "--dest", str(dest), "--dry-run", "--target-file-mb", "0.02"])
     printed = capsys.readouterr().out
-    assert "data/train-00002-of-00003.parquet" in printed and "data/preview-00000-of-00001.parquet" in printed
+    assert "/train-00002-of-00003.parquet" in printed and "/preview-00000-of-00001.parquet" in printed
     assert not dest.exists()
     monkeypatch.setenv("HF_TOKEN", "hf_do_not_print_me")
     publish.publish(src, "hf://org/recap", dry_run=True)
@@ -176,12 +187,12 @@ def test_hub_publish_is_one_private_commit_that_adds_and_deletes(out, tmp_path, 
         assert stub.private["datasets/org/recap"] is True                      # private unless --public
         [first] = stub.commits_to("org/recap")
         remote = stub.repos["datasets/org/recap"]
-        data_files = sorted(f for f in files_of(local) if f.startswith("data/"))
-        assert first["added"] == ["README.md", *data_files] and first["deleted"] == []
+        data_files = sorted("data/" + f.split("/", 2)[2] for f in files_of(local) if f.startswith("data/"))
+        assert sorted(first["added"]) == sorted(["README.md", *data_files]) and first["deleted"] == []
         # every data file went to LFS storage before the one commit that made them visible
         assert [kind for kind, _ in stub.events[1:]] == ["lfs-upload"] * len(data_files) + ["commit"]
         assert {f: d for f, d in remote.items() if f.startswith("data/")} == {
-            f: d for f, d in files_of(local).items() if f.startswith("data/")}
+            "data/" + f.split("/", 2)[2]: d for f, d in files_of(local).items() if f.startswith("data/")}
         mirror = tmp_path / "mirror"
         for path, data in remote.items():
             (mirror / path).parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +234,7 @@ def test_s3_to_s3(s3_bucket, tmp_path):
     ok_rows = make_out(src)
     publish.publish(src, dest, target_bytes=20 * KB)
     mirror = tmp_path / "mirror"
-    for path in [*storage.list_files(dest), *storage.list_files(f"{dest}/data")]:
+    for path in [entry.path for entry in storage.list_entries(dest, recursive=True)]:
         local = mirror / path[len(dest) + 1:]
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(storage.read_bytes(path))
@@ -236,7 +247,8 @@ def test_scores_join_by_key_all_or_refused(tmp_path, clip_dir):
     finished_runs.write_recaption_outputs(src, 3, 30, errors_per_shard=2)
     output = Output.open(src)
     worker = ScoreWorker(src, output.fingerprint, ClipModelSpec(f"local-dir:{clip_dir}"))
-    assert worker.process(ScoreTask("00001"))["outcome"] == "committed"
+    stage_base = score_store(output).base
+    assert worker.process(committed.registered(ScoreTask("00001"), stage_base)).kind == "committed"
     with pytest.raises(ScoresIncomplete, match=r"1 of 3 shards have current CLIP scores, 2 do not \(first: 00000, "
                                                r"00002\)"):
         publish.publish(src, str(tmp_path / "refused"))
@@ -245,12 +257,12 @@ def test_scores_join_by_key_all_or_refused(tmp_path, clip_dir):
     check_published(tmp_path / "unscored", 84, tmp_path / "cache1", unscored_columns())
 
     for shard in ("00000", "00002"):
-        worker.process(ScoreTask(shard))
+        worker.process(committed.registered(ScoreTask(shard), stage_base))
     publish.publish(src, str(tmp_path / "scored"))
     columns = publish.published_schema(with_scores=True).names
     assert columns[:9] == RECAP_COLUMNS
     loaded = check_published(tmp_path / "scored", 84, tmp_path / "cache2", columns)["train"]
-    store = Output.open(src).stage("clip_scores")
+    store = score_store(Output.open(src))
     expected = {}
     for shard in store.done():
         for row in pq.read_table(store.files(store.read_ledger(shard))["parquet"]).to_pylist():
@@ -293,7 +305,7 @@ class Cells(HTMLParser):
 def test_real_run_scored_published_with_nine_columns_and_an_inert_card(tmp_path_factory, tiny_model, clip_dir,
                                                                         tmp_path):
     src = str(real_run(tmp_path_factory.mktemp("real-run"), tiny_model))
-    assert run_stage(ScoreConfig(src, f"local-dir:{clip_dir}", batch_size=4))["failed"] == {}
+    assert score(ScoreConfig(src, f"local-dir:{clip_dir}", batch_size=4)).exit_code == 0
     dest = tmp_path / "published"
     publish_cli.main(["--input", src, "--dest", str(dest)])
     run_rows = sum(json.loads(p.read_text())["ok"] for p in Path(src, "_ledger").glob("*.json"))
@@ -331,8 +343,8 @@ def read_wds(dest: Path) -> list[tuple[str, str, str, str, dict]]:
 
 def test_wds_export_txt_follows_text_and_mix_ratio(out, tmp_path):
     src, ok_rows = out
-    published = {row["key"]: row for path in Path(src, "parquet").glob("0000[0-2].*.parquet")
-                 for row in pq.read_table(path).to_pylist() if row["status"] == "ok"}
+    published = {row["key"]: row for shard in ("00000", "00001", "00002")
+                 for row in committed.rows(src, shard) if row["status"] == "ok"}
     for text, ratio in (("re_caption", None), ("org_caption", None), ("mix", 0.3), ("mix", 0.0), ("mix", 1.0)):
         dest = tmp_path / f"{text}-{ratio}"
         publish_cli.main(["--input", src, "--dest", str(dest), "--format", "wds", "--text", text,
@@ -353,3 +365,67 @@ def test_wds_export_txt_follows_text_and_mix_ratio(out, tmp_path):
             assert {meta["caption"] for *_, meta in rows} == {"org_caption" if ratio == 0.0 else "re_caption"}
     from open_clip_train.data import get_dataset_size
     assert get_dataset_size(str(tmp_path / "mix-0.3" / "{00000..00002}.tar")) == (ok_rows, 3)
+
+
+def test_a_local_publish_switches_readers_in_one_step_and_a_concurrent_one_fails_whole(out, tmp_path):
+    """Issue 19, case 9: readers of a folder see the old dataset until the card is written, never old and new
+    files under one glob; of two publishes at once, the one that finishes second fails and removes its files."""
+    src, ok_rows = out
+    dest = tmp_path / "dest"
+    publish.publish(src, str(dest), target_bytes=20 * KB)
+    before = files_of(dest)
+    seen = []
+
+    def meanwhile(line: str) -> None:
+        if line.startswith("wrote") and not seen:
+            seen.append(datasets.load_dataset(str(dest), cache_dir=str(tmp_path / "cache-old")))
+            publish.publish(src, str(dest))                   # another publish, start to end, in the middle
+
+    with pytest.raises(ConcurrentPublish, match="changed while this publish wrote its files"):
+        publish.publish(src, str(dest), target_bytes=10 * KB, log=meanwhile)
+    assert seen and seen[0]["train"].num_rows == ok_rows      # the old dataset, whole, while the new one was written
+    after = files_of(dest)
+    assert not set(before) & set(after) - {"README.md"}, "the first publish's files are gone"
+    assert len([f for f in after if "/train-" in f]) == 1, "only the publish that switched first"
+    check_published(dest, ok_rows, tmp_path / "cache-new", unscored_columns())
+
+
+def test_a_new_version_still_being_captioned_is_not_published_by_default(tmp_path, capsys):
+    """Issue 19, case 8: a scheduled publish an hour after `--new-version` keeps publishing the complete version;
+    publishing the new one while it is being captioned needs --allow-incomplete."""
+    src = str(tmp_path / "out")
+    finished_runs.write_recaption_outputs(src, 3, 20, errors_per_shard=1)
+    Output.register(src, "b" * 16, {"model": "other"}, new_version=True, kinds=RECAPTION_KINDS)
+    finished_runs.write_recaption_outputs(src, 1, 20, fingerprint="b" * 16, new_version=True, mark_complete=False)
+    publish.publish(src, str(tmp_path / "scheduled"))
+    assert read_card(tmp_path / "scheduled")[1].count("ffffffffffffffff") >= 1
+    for fmt in ("parquet", "wds"):
+        with pytest.raises(SystemExit) as stopped:
+            publish_cli.main(["--input", src, "--dest", str(tmp_path / "new"), "--fingerprint", "b" * 16,
+                              "--format", fmt])
+        assert stopped.value.code == 2
+        assert re.search("still being captioned .*--allow-incomplete", capsys.readouterr().err)
+    assert not (tmp_path / "new").exists()
+    publish_cli.main(["--input", src, "--dest", str(tmp_path / "new"), "--fingerprint", "b" * 16,
+                      "--allow-incomplete"])
+    assert "this is part of the input" in read_card(tmp_path / "new")[1]
+
+
+def test_wds_export_names_are_stable_per_source_shard(out, tmp_path):
+    src, _ = out
+    dest = tmp_path / "wds"
+    publish_cli.main(["--input", src, "--dest", str(dest), "--format", "wds"])
+    def contents() -> dict[str, list[tuple[str, bytes]]]:
+        found = {}
+        for path in sorted(dest.glob("*.tar")):
+            with tarfile.open(path) as tar:
+                found[path.name] = [(m.name, tar.extractfile(m).read()) for m in tar]
+        return found
+
+    first = contents()
+    assert sorted(first) == ["00000.tar", "00001.tar", "00002.tar"]
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert {name: entry["shard"] for name, entry in manifest["tars"].items()} == {
+        f"{shard}.tar": shard for shard in ("00000", "00001", "00002")}
+    publish_cli.main(["--input", src, "--dest", str(dest), "--format", "wds"])    # again: the same samples per name
+    assert contents() == first

@@ -13,12 +13,14 @@ import pytest
 import webdataset as wds
 
 from dataset import storage
-from dataset.outputs import Output, load_finished
+from dataset.outputs import load_finished
 from dataset.reader import ReadLimits
 from dataset.synthetic.input_shards import cut_shard, fix_images, write_shards
+from dataset.versions import Output
+from dataset.wds import iter_samples
 from pipelines import recaption as recaption_cli
-from recaption.driver import init_ray
 from recaption.worker import FAULT_ENV
+from runner.cluster import init_ray
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,11 +115,15 @@ def test_new_version_writes_beside_the_old_one_and_keeps_it_readable(tmp_path, t
     assert {r["fingerprint"] for r in committed.rows(new.base, "00000")} == {new.fingerprint}
 
 
-def test_retry_errors_recaptions_only_error_rows_as_a_new_generation(tmp_path, tiny_model, local_ray):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_retry_errors_recaptions_only_error_rows_as_a_new_generation(tmp_path, tiny_model, where, request):
+    """Also on S3 (issue 19, case 6: the previous generation's Parquet was read through a stream that cannot seek)."""
     info = write_shards(tmp_path / "in", shards=1, per_shard=8, bad=True, limits=SMALL)[0]
-    out = str(tmp_path / "out")
+    out = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_bucket") + "/out"
+    request.getfixturevalue("local_ray")
     assert run_job(str(tmp_path / "in"), out, tiny_model) == 0
     before = {r["key"]: r for r in committed.rows(out, "00000")}
+    first = committed.files(out, "00000")
     fixable = {k for k, kind in info["injected"].items() if kind in ("corrupt_jpeg", "truncated_jpeg")}
     fix_images(tmp_path / "in" / "00000.tar", fixable)
 
@@ -128,10 +134,12 @@ def test_retry_errors_recaptions_only_error_rows_as_a_new_generation(tmp_path, t
     store = committed.store(out)
     assert store.done() == {"00000": 1}
     assert store.read_ledger("00000")["error"] == sum(r["status"] == "error" for r in before.values()) - len(fixable)
-    trained = {s["__key__"] for s in wds.WebDataset(committed.files(out, "00000")["wds"], shardshuffle=False)}
+    trained = {s["key"] for s in iter_samples(committed.files(out, "00000")["wds"])}
     assert trained == {k for k, r in after.items() if r["status"] == "ok"}
-    assert [storage.join(out, rel) for rel in store.data_files("00000")["00000"]] == sorted(
-        committed.files(out, "00000").values()), "the end-of-run sweep removed the replaced generation's files"
+    assert all(storage.exists(path) for path in first.values()), "C3: readers of generation 0 get the grace period"
+    assert run_job(str(tmp_path / "in"), out, tiny_model, "--cleanup-grace", "0") == 0   # nothing pending
+    assert not any(storage.exists(path) for path in first.values()), "then the replaced generation's files go"
+    assert all(storage.exists(path) for path in committed.files(out, "00000").values())
 
 
 def test_a_worker_that_vanishes_mid_shard_is_replaced_and_its_shards_rerun_once(tmp_path, tiny_model, local_ray,

@@ -14,7 +14,7 @@ from real_run import real_run
 from dataset.report import build_report
 from dataset.synthetic import finished_runs
 from pipelines import report as report_cli
-from scoring.stage import ScoreConfig, run_stage
+from scoring.stage import ScoreConfig, score
 from scoring.tiny import build_tiny_clip
 
 SECTIONS = ["summary", "samples", "caption-lengths", "errors", "notes", "clip-scores", "throughput"]
@@ -110,7 +110,7 @@ def test_every_error_reason_has_an_example_from_a_shard_whose_ledger_counts_it(t
 @pytest.mark.slow
 def test_real_run_notes_nonregular_members_and_clip_scores(tmp_path_factory, tiny_model, tmp_path):
     out = str(real_run(tmp_path_factory.mktemp("real-run"), tiny_model))
-    run_stage(ScoreConfig(out, f"local-dir:{build_tiny_clip(tmp_path / 'clip')}", batch_size=4))
+    score(ScoreConfig(out, f"local-dir:{build_tiny_clip(tmp_path / 'clip')}", batch_size=4))
     page = parse(build_report(out, sample_shards=1, samples=4))    # the clean shard 00000 only
     assert page.sections == SECTIONS
     facts = dict(row for row in page.tables["summary"][0])

@@ -7,11 +7,13 @@ import committed
 import pytest
 
 from dataset.synthetic.input_shards import write_shard, write_shards
-from recaption.driver import RunConfig, init_ray, run
 from recaption.engines import EngineConfig
 from recaption.job import CaptionJob
-from recaption.pool import PoolConfig
-from recaption.scheduler import SchedulerConfig
+from recaption.stage import RunConfig, run
+from runner.cluster import init_ray
+from runner.pool import PoolConfig
+from runner.run import RunnerConfig
+from runner.scheduler import SchedulerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +35,7 @@ def slow_and_small_shards(folder, small: int = 6, big_samples: int = 60) -> list
 def config(tmp_path, tiny_model, schedule: SchedulerConfig) -> RunConfig:
     engine = EngineConfig(tiny_model, backend="null", max_num_seqs=2, engine_kwargs={"step_seconds": 0.05})
     return RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), job=CaptionJob(engine),
-                     pool=PoolConfig(num_workers=2), schedule=schedule, progress_every=60)
+                     runner=RunnerConfig(pool=PoolConfig(num_workers=2), schedule=schedule, progress_every=60))
 
 
 def test_a_slow_shard_at_the_end_gets_a_second_attempt_and_commits_once(tmp_path, tiny_model, capsys):
@@ -46,8 +48,8 @@ def test_a_slow_shard_at_the_end_gets_a_second_attempt_and_commits_once(tmp_path
     assert "shard 00099: running" in printed and "a second attempt started on an idle worker" in printed
     out = str(tmp_path / "out")
     assert sorted(committed.keys(out)) == sorted(k for info in infos for k in info["keys"])
-    files = committed.store(out).data_files()
-    assert all(len(paths) == 2 for paths in files.values()), "one Parquet and one tar per shard: the loser's are gone"
+    files = committed.store(out).list().data
+    assert all(len(attempts) == 1 for attempts in files.values()), "one attempt's files per shard: the loser's are gone"
 
 
 def test_a_shard_past_its_deadline_is_retried_then_reported_failed(tmp_path, tiny_model, capsys):
@@ -60,4 +62,4 @@ def test_a_shard_past_its_deadline_is_retried_then_reported_failed(tmp_path, tin
     assert "shard 00099 failed after 2 attempts: ran past the deadline" in printed
     out = str(tmp_path / "out")
     assert sorted(committed.store(out).done()) == sorted(info["shard"] for info in infos[:-1])
-    assert "00099" not in committed.store(out).data_files(), "the abandoned attempts' files are gone"
+    assert "00099" not in committed.store(out).list().data, "the abandoned attempts' files are gone"

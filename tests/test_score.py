@@ -10,8 +10,10 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
+import committed
 import numpy as np
 import open_clip
 import pyarrow.parquet as pq
@@ -20,12 +22,14 @@ import torch
 from PIL import Image
 
 from dataset import scores, storage
-from dataset.outputs import Output, load_finished
+from dataset.outputs import load_finished
+from dataset.protocol import claimed_attempt
 from dataset.synthetic import finished_runs
+from dataset.versions import Output
 from pipelines import score as score_cli
-from scoring import stage
+from runner.scheduler import SchedulerConfig
 from scoring.clip import ClipModelSpec
-from scoring.stage import ScoreConfig, ScoreTask, ScoreWorker, run_stage
+from scoring.stage import SCORE_RUNNER, ScoreConfig, ScoreTask, ScoreWorker, plan_scores, score
 from scoring.tiny import build_tiny_clip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +59,9 @@ def finished(path: Path) -> str:
     return str(path)
 
 
-def config(out: str, clip_dir: Path, **kw) -> ScoreConfig:
-    return ScoreConfig(input=out, clip_model=f"local-dir:{clip_dir}", batch_size=5, **kw)
+def config(out: str, clip_dir: Path, claim_ttl: float = 120.0, progress_every: float = 30.0) -> ScoreConfig:
+    runner = replace(SCORE_RUNNER, progress_every=progress_every, schedule=SchedulerConfig(claim_ttl=claim_ttl))
+    return ScoreConfig(input=out, clip_model=f"local-dir:{clip_dir}", batch_size=5, runner=runner)
 
 
 def committed_scores(out: str) -> dict[str, list[dict]]:
@@ -92,9 +97,9 @@ def reference_cosines(out: str, reference_model, rows: list[dict], shard: str) -
 @pytest.mark.slow  # a local Ray and a scoring actor
 def test_scores_are_open_clips_cosines_one_per_ok_row(tmp_path, clip_dir, reference_model, capsys):
     out = finished(tmp_path / "out")
-    summary = run_stage(config(out, clip_dir), progress_every=0)
-    assert summary["committed"] == SHARDS and summary["failed"] == {}
-    assert re.search(rf"\[score\] shards {SHARDS}/{SHARDS} scored, 0 failed \| [0-9.]+ images/s \| ETA 00:00:00\n",
+    result = score(config(out, clip_dir, progress_every=0))
+    assert result.progress.done == SHARDS and result.failed == {} and result.exit_code == 0
+    assert re.search(rf"\[score\] shards {SHARDS}/{SHARDS} done, 0 failed \| [0-9.]+ images/s \| ETA 00:00:00",
                      capsys.readouterr().out), "the progress line"
     got, want = committed_scores(out), ok_rows(out)
     assert sorted(got) == sorted(want)
@@ -121,30 +126,32 @@ def test_rerun_is_a_noop_and_another_model_is_refused(tmp_path, clip_dir, capsys
     assert f"[score] done: {SHARDS} of {SHARDS} shards scored, 0 failed" in capsys.readouterr().out
     base = Path(out, scores.STAGE)
     before = {p: p.stat().st_mtime_ns for p in base.rglob("*") if p.is_file() and "_claims" not in p.parts}
-    assert run_stage(config(out, clip_dir)) == {"shards": 0, "committed": 0, "failed": {}, "stopped": None}
+    again = score(config(out, clip_dir))
+    assert again.plan.tasks == [] and again.progress is None and again.exit_code == 0
     after = {p: p.stat().st_mtime_ns for p in base.rglob("*") if p.is_file() and "_claims" not in p.parts}
     assert after == before
     other = build_tiny_clip(tmp_path / "other-clip", seed=1)
     storage.delete(str(Path(out, scores.STAGE, "_ledger", "00001.json")))     # one shard left to score
     with pytest.raises(scores.ScorerMismatch, match="holds scores from"):
-        run_stage(config(out, other))
+        score(config(out, other))
 
 
 @pytest.mark.slow  # a local Ray and a scoring actor
 def test_new_recaption_generation_is_rescored(tmp_path, clip_dir):
     out = finished(tmp_path / "out")
-    run_stage(config(out, clip_dir))
+    score(config(out, clip_dir))
     output = Output.open(out)
     ledger = output.store.read_ledger("00001")
-    attempt = output.store.new_attempt("00001")        # what --retry-errors commits: a generation 1
-    for kind, path in output.store.files(ledger).items():
-        local = tmp_path / f"copy.{kind}"
-        shutil.copy(path, local)
-        attempt.put(kind, str(local), rows=ledger["files"][kind]["rows"])
-    assert attempt.commit({k: v for k, v in ledger.items() if k not in ("files", "attempt_id")}, generation=1)
-    assert stage.pending(output) == {"00001": 1}
+    with claimed_attempt(output.store, "00001", 1) as attempt:   # what --retry-errors commits: a generation 1
+        for kind, path in output.store.files(ledger).items():
+            local = tmp_path / f"copy.{kind}"
+            shutil.copy(path, local)
+            attempt.put(kind, str(local), rows=ledger["files"][kind]["rows"])
+        assert attempt.commit({k: v for k, v in ledger.items() if k not in ("files", "attempt_id")}) == "committed"
+    work = plan_scores(output, scores.score_store(output))
+    assert [(t.shard, t.generation) for t in work.tasks] == [("00001", 1)]
     assert scores.coverage(load_finished(out)).missing == ["00001"]   # stale scores are never joined
-    assert run_stage(config(out, clip_dir))["committed"] == 1
+    assert score(config(out, clip_dir)).progress.done == 1
     score_ledger = scores.score_store(output).read_ledger("00001")
     assert score_ledger["generation"] == 1 and score_ledger["source"]["generation"] == 1
     assert scores.coverage(load_finished(out)).complete
@@ -154,21 +161,21 @@ KILLED_CHILD = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from dataset.claims import Claims
-from dataset.outputs import Attempt, Output
-from scoring.clip import ClipModelSpec
+from dataset.protocol import Attempt, new_attempt_id
 from dataset.scores import score_store
+from dataset.versions import Output
+from scoring.clip import ClipModelSpec
 from scoring.stage import ScoreTask, ScoreWorker
 
-def die(self, ledger, generation=0, claim_token=None):  # killed after the file is written, before the ledger exists
+def die(self, ledger):  # killed after the file is written, before the ledger exists
     os.kill(os.getpid(), signal.SIGKILL)
 
 output = Output.open({out!r})
-held = Claims(score_store(output).base, "a worker about to die", {ttl})
-token = held.acquire("00000")
-held.start_renewing(on_lost=print)   # live until the process dies
+attempt_id = new_attempt_id()
+Claims(score_store(output).base, "a worker about to die", {ttl}).acquire("00000", attempt_id, 0)
 Attempt.commit = die
 ScoreWorker({out!r}, output.fingerprint, ClipModelSpec({model!r}), batch_size=5).process(
-    ScoreTask("00000", claim_token=token))
+    ScoreTask("00000", attempt_id=attempt_id))
 """
 
 
@@ -181,17 +188,17 @@ def test_attempt_killed_before_commit_then_rerun_gives_every_key_once(tmp_path, 
         timeout=300)
     assert child.returncode == -9, child.stderr[-2000:]
     store = scores.score_store(Output.open(out))
-    leftovers = store.data_files()
-    assert sum(len(files) for files in leftovers.values()) == 1 and store.done() == {}   # a file, no commit
+    leftovers = store.list().data
+    assert sum(len(attempts) for attempts in leftovers.values()) == 1 and store.done() == {}   # a file, no commit
 
-    summary = run_stage(config(out, clip_dir, claim_ttl=ttl))  # waits for the dead holder's claim to go stale
+    result = score(config(out, clip_dir, claim_ttl=ttl))  # waits for the dead holder's claim to go stale
 
-    assert summary["committed"] == SHARDS and summary["failed"] == {}
+    assert result.progress.done == SHARDS and result.failed == {}
     got, want = committed_scores(out), ok_rows(out)
     for shard in want:
         assert sorted(s["key"] for s in got[shard]) == sorted(r["key"] for r in want[shard])
-    files = store.data_files()
-    assert all(len(paths) == 1 for paths in files.values())          # the dead attempt's file was swept
+    files = store.list().data
+    assert all(len(attempts) == 1 for attempts in files.values())      # the dead attempt's file was cleaned up
     assert not set(leftovers["00000"]) & set(files["00000"])
 
 
@@ -201,9 +208,11 @@ def test_worker_actor_shape_and_abandon(tmp_path, clip_dir):
     worker = ScoreWorker(out, output.fingerprint, ClipModelSpec(f"local-dir:{clip_dir}"), batch_size=4)
     ready = worker.ready()
     assert ready["worker"].endswith(f":{os.getpid()}") and ready["context_length"] == 16 and ready["device"] == "cpu"
-    outcome = worker.process(ScoreTask("00000"))
-    assert outcome["outcome"] == "committed" and outcome["ledger"]["scored"] == PER_SHARD - ERRORS
-    assert worker.process(ScoreTask("00000"))["already"] is True
+    stage_base = scores.score_store(output).base
+    outcome = worker.process(committed.registered(ScoreTask("00000"), stage_base))
+    assert outcome.kind == "committed" and outcome.ledger["scored"] == PER_SHARD - ERRORS
+    again = worker.process(committed.registered(ScoreTask("00000"), stage_base))
+    assert again.kind == "committed" and again.ledger["attempt_id"] == outcome.attempt_id, "already current"
     assert set(worker.status()) == {"shards", "busy_share"} and 0 < worker.status()["busy_share"] < 1
 
     forward = worker.scorer.scores
@@ -215,7 +224,7 @@ def test_worker_actor_shape_and_abandon(tmp_path, clip_dir):
         return forward(images, captions)
 
     worker.scorer.scores = abandoning
-    assert worker.process(ScoreTask("00001")) == {"shard": "00001", "outcome": "abandoned", "ledger": None}
+    assert worker.process(committed.registered(ScoreTask("00001"), stage_base)).kind == "abandoned"
     assert seen[0] == {"00001": "scoring"} and worker.status()["shards"] == {}
     store = scores.score_store(output)
-    assert "00001" not in store.done() and "00001" not in store.data_files()
+    assert "00001" not in store.done() and "00001" not in store.list().data

@@ -16,8 +16,8 @@ from recaption.worker import CaptionWorker, EngineDied, FaultyEngine
 pytestmark = pytest.mark.slow
 
 
-def tasks(folder: Path, count: int) -> list[ShardTask]:
-    return [ShardTask(f"{i:05d}", str(folder / f"{i:05d}.tar"), 1, None) for i in range(count)]
+def tasks(folder: Path, count: int, out: Path) -> list[ShardTask]:
+    return [committed.registered(ShardTask(f"{i:05d}", path=str(folder / f"{i:05d}.tar")), out) for i in range(count)]
 
 
 def caption_all(worker: CaptionWorker, shard_tasks: list[ShardTask]) -> list:
@@ -25,7 +25,7 @@ def caption_all(worker: CaptionWorker, shard_tasks: list[ShardTask]) -> list:
     with ThreadPoolExecutor(len(shard_tasks)) as pool:
         futures = []
         for t in shard_tasks:
-            futures.append(pool.submit(worker.caption, t))
+            futures.append(pool.submit(worker.process, t))
             time.sleep(0.05)   # arrival order = shard order
         return [f.result() for f in futures]
 
@@ -40,11 +40,11 @@ def test_requests_stream_across_shards_within_the_window(tmp_path, tiny_model, v
     worker = CaptionWorker(CaptionJob(EngineConfig(tiny_model), SamplingConfig(max_tokens=48), window=4),
                            str(out), str(out), engine=vllm_engine, on_engine_death=lambda: None)
     try:
-        outcomes = caption_all(worker, tasks(tmp_path / "in", 3))
+        outcomes = caption_all(worker, tasks(tmp_path / "in", 3, tmp_path / "out"))
     finally:
         worker.close()
 
-    assert [o["outcome"] for o in outcomes] == ["committed"] * 3
+    assert [o.kind for o in outcomes] == ["committed"] * 3
     assert sorted(parquet_keys(out)) == sorted(k for info in infos for k in info["keys"])  # each key once
     in_engine, most, shard_of = set(), 0, lambda request_id: request_id.split(":")[0]
     overlaps = set()
@@ -57,7 +57,7 @@ def test_requests_stream_across_shards_within_the_window(tmp_path, tiny_model, v
         most = max(most, len(in_engine))
     assert most == 4, "the window bounds the requests in the engine, and fills it"
     assert {("00000", "00001"), ("00001", "00002")} <= overlaps, "the next shard joins before the last one drains"
-    stats = outcomes[-1]["engine"]
+    stats = outcomes[-1].stats
     assert 0 < stats["busy_s"] <= stats["wall_s"]
 
 
@@ -76,12 +76,12 @@ def test_a_request_the_engine_rejects_is_one_error_row(tmp_path, tiny_model, vll
     job = CaptionJob(EngineConfig(tiny_model), SamplingConfig(max_tokens=48), prompt="Describe: {org_caption}")
     worker = CaptionWorker(job, str(out), str(out), engine=vllm_engine, on_engine_death=lambda: None)
     try:
-        outcome = worker.caption(tasks(tmp_path / "in", 1)[0])
+        outcome = worker.process(tasks(tmp_path / "in", 1, tmp_path / "out")[0])
     finally:
         worker.close()
 
     rows = {r["key"]: r for r in committed.rows(str(out), "00000")}
-    assert outcome["ledger"]["error"] == 1 and outcome["ledger"]["errors_by_reason"] == {"engine": 1}
+    assert outcome.ledger["error"] == 1 and outcome.ledger["errors_by_reason"] == {"engine": 1}
     bad = rows[keys[2]]
     assert bad["status"] == "error" and bad["error"].startswith("engine: ") and "2048" in bad["error"]
     assert all(rows[k]["status"] == "ok" and rows[k]["num_tokens"] > 0 for k in keys if k != keys[2])
@@ -99,14 +99,14 @@ def test_abandon_drops_a_shard_and_the_others_go_on(tmp_path, tiny_model, vllm_e
     out = tmp_path / "out"
     worker = CaptionWorker(CaptionJob(EngineConfig(tiny_model), SamplingConfig(max_tokens=48), window=3),
                            str(out), str(out), engine=vllm_engine, on_engine_death=lambda: None)
-    first, second = tasks(tmp_path / "in", 2)
+    first, second = tasks(tmp_path / "in", 2, tmp_path / "out")
     threading.Thread(target=abandon_after_first_result, args=(worker, first.shard), daemon=True).start()
     try:
         outcomes = caption_all(worker, [first, second])
     finally:
         worker.close()
 
-    assert [o["outcome"] for o in outcomes] == ["abandoned", "committed"]
+    assert [o.kind for o in outcomes] == ["abandoned", "committed"]
     assert sorted(p.name for p in (out / "_ledger").glob("*.json")) == ["00001.json"]
     events = [(event, request_id) for _, event, request_id in worker.request_log if request_id.startswith(first.shard)]
     assert sum(e == "add" for e, _ in events) > sum(e == "done" for e, _ in events), "in-flight requests aborted"
@@ -123,8 +123,8 @@ def test_a_dying_engine_answers_every_shard_and_charges_only_those_it_held(tmp_p
 
     with ThreadPoolExecutor(2) as pool:
         futures = []
-        for t in tasks(tmp_path / "in", 2):
-            futures.append(pool.submit(worker.caption, t))
+        for t in tasks(tmp_path / "in", 2, tmp_path / "out"):
+            futures.append(pool.submit(worker.process, t))
             time.sleep(0.05)   # arrival order = shard order
         errors = []
         for future in futures:
@@ -135,6 +135,6 @@ def test_a_dying_engine_answers_every_shard_and_charges_only_those_it_held(tmp_p
     assert died.is_set() and worker.dead == "RuntimeError: injected engine fault"
     assert [(e.shard, e.charged) for e in errors] == [("00000", True), ("00001", False)]
     with pytest.raises(EngineDied, match="not charged"):
-        worker.caption(tasks(tmp_path / "in", 1)[0])
+        worker.process(tasks(tmp_path / "in", 1, tmp_path / "out")[0])
     assert not (out / "_ledger").exists()
     worker.close()

@@ -8,7 +8,8 @@ import random
 import tempfile
 
 from dataset import storage
-from dataset.outputs import Output, WdsWriter, build_row, make_ledger, write_parquet
+from dataset.outputs import RECAPTION_KINDS, WdsWriter, build_row, make_ledger, write_parquet
+from dataset.protocol import claimed_attempt
 from dataset.reader import InputSample
 from dataset.synthetic.shapes import (
     RECAPTION_TEMPLATES,
@@ -18,6 +19,7 @@ from dataset.synthetic.shapes import (
     random_sample,
     web_caption,
 )
+from dataset.versions import Output
 
 RECAPTION_ERRORS = (
     ("decode", "cannot identify image file"),
@@ -56,7 +58,8 @@ def recaption_row(shard: str, inp: InputSample, sample: ShapeSample, rng: random
 
 def write_recaption_outputs(out: str, shards: int, per_shard: int, *, errors_per_shard: int = 3,
                             fingerprint: str = "f" * 16, seed: int = 0, image_size: int = 96,
-                            start: float = 1_700_000_000.0) -> dict:
+                            start: float = 1_700_000_000.0, new_version: bool = False,
+                            mark_complete: bool = True) -> dict:
     """Write what a finished recaption run leaves in OUT without a model, through the output contract.
 
     For publish/report tests and demos: the version is registered, and every shard is an attempt
@@ -64,7 +67,7 @@ def write_recaption_outputs(out: str, shards: int, per_shard: int, *, errors_per
     turn; error rows cycle through RECAPTION_ERRORS. Returns the `_run.json` summary.
     """
     config = {**SYNTHETIC_CAPTION_CONFIG, "seed": seed}
-    output = Output.register(out, fingerprint, config, new_version=False)
+    output = Output.register(out, fingerprint, config, new_version=new_version, kinds=RECAPTION_KINDS)
     worker_clock = [start, start + 1.5]
     totals = {"ok": 0, "error": 0, "tokens": 0}
     with tempfile.TemporaryDirectory(prefix="ov-finished-") as tmp:
@@ -85,17 +88,18 @@ def write_recaption_outputs(out: str, shards: int, per_shard: int, *, errors_per
                         image = jpeg_bytes(draw_shape(sample, image_size, rng))
                         wds.add(row["key"], "jpg", image, row["org_caption"], row["re_caption"],
                                 {"key": row["key"], "uid": row["uid"], "url": row["url"]})
-            attempt = output.store.new_attempt(shard)
-            write_parquet(rows, os.path.join(tmp, f"{shard}.parquet"))
-            attempt.put("parquet", os.path.join(tmp, f"{shard}.parquet"), rows=len(rows))
-            attempt.put("wds", wds.local_file, rows=wds.samples)
             worker = shard_id % 2
             seconds = 20.0 + 10.0 * rng.random()
             ledger = make_ledger(rows, input=f"shards/{shard}.tar", fingerprint=fingerprint, caption_config=config,
                                  samples_in=per_shard, started_at=worker_clock[worker],
                                  finished_at=worker_clock[worker] + seconds, worker=f"worker-{worker}", attempt=1)
-            if not attempt.commit(ledger):
-                raise FileExistsError(f"{out}: shard {shard} is already committed; write a fake run into a new folder")
+            write_parquet(rows, os.path.join(tmp, f"{shard}.parquet"))
+            with claimed_attempt(output.store, shard) as attempt:
+                attempt.put("parquet", os.path.join(tmp, f"{shard}.parquet"), rows=len(rows))
+                attempt.put("wds", wds.local_file, rows=wds.samples)
+                if attempt.commit(ledger) != "committed":
+                    raise FileExistsError(f"{out}: shard {shard} is already committed; write a fake run into a new "
+                                          "folder")
             worker_clock[worker] += seconds + 0.5
             totals["ok"] += ledger["ok"]
             totals["error"] += ledger["error"]
@@ -107,4 +111,6 @@ def write_recaption_outputs(out: str, shards: int, per_shard: int, *, errors_per
            "images_per_s": shards * per_shard / elapsed, "tokens_per_s": totals["tokens"] / elapsed,
            "started_at": start, "finished_at": start + elapsed}
     storage.write_bytes(output.run_path, json.dumps(run, indent=1).encode())
+    if mark_complete:   # every input shard of this fake run is committed: it becomes the current version
+        output.mark_complete()
     return run

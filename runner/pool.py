@@ -1,35 +1,38 @@
-"""The stage's actors (caption workers, CLIP scorers): how many and how big, started asynchronously, fed
-shard tasks, replaced when they die.
+"""A stage's actors: how many and how big, started asynchronously, fed tasks, replaced when they die, and a
+visible wait while none can start.
 
-Sizing comes from the flags and the engine, not from what the cluster shows at start: an
-autoscaling cluster starts with no GPU nodes, so it is asked for the workers it should have
-(`ray.autoscaler.sdk.request_resources`) and the pool grows as actors become ready. A worker that
+Sizing comes from the flags and the engine, not from what the cluster shows at start: an autoscaling
+cluster starts with no GPU nodes, so it is asked for the workers it should have
+(`ray.autoscaler.sdk.request_resources`) and the pool grows as actors become ready. While no worker is
+ready the pool says, every `progress_every` seconds, what it waits for and what the cluster has, and after
+`start_timeout` seconds it stops with an error naming the resource and the flags to change. A worker that
 fails to start or dies is replaced within a budget of deaths per hour (a rate, so a week on spot
-instances survives); only shards that had requests in a dying engine are charged an attempt.
+instances survives). A worker lost without an answer (its node gone, its actor unreachable) may still be
+running its tasks: those events are marked uncertain and the scheduler fences their attempts.
 """
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dataset.logs import shown_path
-from recaption.flow import ShardTask
-from recaption.worker import FAULT_ENV, EngineDied
+from dataset.logs import say, shown_path
+from runner import cluster
+from runner.records import Event, Outcome, Task, WorkerDying
 
 
 @dataclass(frozen=True)
 class PoolConfig:
     num_workers: int | None = None       # None: the cluster's GPUs / GPUs per worker (1 without GPUs)
-    gpus_per_worker: float | None = None   # None: the tensor-parallel size (0 on a local Ray without GPUs)
+    gpus_per_worker: float | None = None   # None: the engine's tensor-parallel size (0 on a local Ray without GPUs)
     cpus_per_worker: float | None = None   # None: 4 with a GPU (read + decode ahead of the engine), else 1
-    # Shards in a worker at once: one generating, one read ahead, one more so that a shard being written
-    # (a large WebDataset tar going to S3) never leaves the engine without the next one.
+    # Shards in a worker at once: one working, one read ahead, one more so that a shard being written
+    # (a large WebDataset tar going to S3) never leaves the worker without the next one.
     tasks_per_worker: int = 3
     deaths_per_hour: float | None = None   # restart budget; None: max(4, 2 x workers)
+    start_timeout: float = 900.0          # seconds without any ready worker before the run stops (0: wait for ever)
 
 
 @dataclass(frozen=True)
@@ -71,51 +74,45 @@ def size_workers(view: ClusterView, config: PoolConfig, tensor_parallel_size: in
 
 
 @dataclass
-class Event:
-    """What became of one shard task."""
-    task: ShardTask
-    outcome: dict | None = None   # the worker's answer: committed / lost / abandoned
-    error: str | None = None      # why the attempt failed
-    charged: bool = False         # the failure counts against the shard's attempts
-
-
-@dataclass
 class Slot:
     index: int
     actor: object
     log: str | None
     ready: bool = False
     alive: bool = True
-    info: dict = field(default_factory=dict)   # the worker's ready() answer
-    calls: dict = field(default_factory=dict)   # ObjectRef -> ShardTask
-    engine: dict = field(default_factory=dict)  # the worker's latest engine clock
+    info: dict = field(default_factory=dict)    # the worker's ready() answer
+    calls: dict = field(default_factory=dict)   # ObjectRef -> Task
+    stats: dict = field(default_factory=dict)   # the worker's latest running figures
 
 
 class PoolExhausted(RuntimeError):
-    """No worker is left and the restart budget is spent."""
+    """No worker is left and the restart budget is spent, or none could start in time."""
 
 
 class Pool:
     """Actors of `actor_class`, each built as `actor_class(*actor_args, log_file=...)`, answering
-    `ready()`, `abandon(shard)` and the task method `method(task) -> outcome dict`."""
+    `ready() -> dict`, `process(task) -> Outcome` and `abandon(shard)`."""
 
     def __init__(self, actor_class: type, actor_args: tuple, out: str, sizing: Sizing, config: PoolConfig,
-                 *, method: str = "caption", name: str = "recaption", verbose: bool = False):
+                 *, name: str, verbose: bool = False, env: dict[str, str] | None = None,
+                 progress_every: float = 30.0):
         import ray
 
         self.ray = ray
-        self.actor_args, self.method, self.name = actor_args, method, name
+        self.actor_args, self.name = actor_args, name
         self.out, self.sizing, self.config, self.verbose = out, sizing, config, verbose
         self.budget = config.deaths_per_hour or max(4.0, 2.0 * sizing.workers)
         self.deaths: deque[float] = deque()
         self.slots: list[Slot] = []
         self.starting: dict = {}        # ready() ObjectRef -> Slot
         self.last_error = ""
-        fault = os.environ.get(FAULT_ENV)
+        self.started_at = self.last_wait_line = time.monotonic()
+        self.progress_every = progress_every
         self.options = dict(num_gpus=sizing.gpus, num_cpus=sizing.cpus, max_restarts=0,
                             max_concurrency=config.tasks_per_worker + 2,
-                            **({"runtime_env": {"env_vars": {FAULT_ENV: fault}}} if fault else {}))
+                            **({"runtime_env": {"env_vars": dict(env)}} if env else {}))
         self.actor_class = ray.remote(actor_class)
+        self.on_wait: Callable[[str], None] = lambda line: say(self.name, line)
 
     def start(self) -> None:
         if self.sizing.bundles:
@@ -146,26 +143,29 @@ class Pool:
         return [s for s in self.slots if s.ready and s.alive and len(s.calls) < self.config.tasks_per_worker
                 and not any(task.shard == avoid for task in s.calls.values())]
 
+    def capacity(self) -> int:
+        """Tasks the pool holds at once when every worker is up."""
+        return self.sizing.workers * self.config.tasks_per_worker
+
     def free_slots(self, avoid: str | None = None) -> int:
         return sum(self.config.tasks_per_worker - len(s.calls) for s in self._open(avoid))
 
-    def submit(self, task: ShardTask, avoid: str | None = None) -> None:
+    def submit(self, task: Task, avoid: str | None = None) -> None:
         """Send a task to the ready worker with the fewest shards (call only when free_slots(avoid) > 0);
         `avoid`: not to a worker already working on that shard (a speculative second attempt)."""
         slot = min(self._open(avoid), key=lambda s: len(s.calls))
-        slot.calls[getattr(slot.actor, self.method).remote(task)] = task
+        slot.calls[slot.actor.process.remote(task)] = task
 
-    def abandon(self, shard: str) -> None:
-        """Ask every worker holding `shard` to drop it; their calls answer 'abandoned'."""
+    def abandon(self, shard: str, attempt_id: str | None = None) -> None:
+        """Ask every worker holding `shard` (its attempt `attempt_id`, when given) to drop it; their calls answer
+        'abandoned'."""
         for slot in self.slots:
-            if slot.alive and slot.actor is not None and any(t.shard == shard for t in slot.calls.values()):
-                slot.actor.abandon.remote(shard)
-
-    def in_flight(self) -> int:
-        return sum(len(s.calls) for s in self.slots)
+            if slot.alive and slot.actor is not None and any(
+                    t.shard == shard and attempt_id in (None, t.attempt_id) for t in slot.calls.values()):
+                slot.actor.abandon.remote(shard, attempt_id)
 
     def wait(self, timeout: float) -> list[Event]:
-        """Events of the tasks that ended within `timeout` seconds; starts and deaths are handled here."""
+        """Events of the tasks that ended within `timeout` seconds; starts, deaths and waiting are handled here."""
         calls = {ref: slot for slot in self.slots for ref in slot.calls}
         refs = list(self.starting) + list(calls)
         if not refs:
@@ -187,6 +187,7 @@ class Pool:
                 self.ray.kill(slot.actor, no_restart=True)   # it may already have exited
                 slot.actor = None
         self._check_exhausted()
+        self._check_waiting()
         return events
 
     def _started(self, ref, slot: Slot) -> None:
@@ -197,22 +198,24 @@ class Pool:
             return
         slot.ready, slot.info = True, info
         where = f"; log {slot.log}" if slot.log else ""
-        print(f"[{self.name}] worker {slot.index} ready on {info['worker']} ({info['summary']}){where}", flush=True)
+        say(self.name, f"worker {slot.index} ready on {info['worker']} ({info['summary']}){where}")
 
     def _answered(self, ref, slot: Slot) -> Event:
         task = slot.calls.pop(ref)
         try:
-            outcome = self.ray.get(ref)
+            outcome: Outcome = self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None) or e
-            if isinstance(cause, EngineDied):
+            if isinstance(cause, WorkerDying):
                 self._died(slot, cause.reason)
                 return Event(task, error=str(cause), charged=cause.charged)
             return Event(task, error=f"{type(cause).__name__}: {one_line(cause)}", charged=True)
-        except self.ray.exceptions.RayError as e:  # the process is gone without a word (killed, node lost)
+        except self.ray.exceptions.RayError as e:
+            # The actor is unreachable or gone without an answer (killed, node lost, partitioned): it may
+            # still be running this attempt, so the attempt is uncertain and must be fenced before a retry.
             self._died(slot, one_line(e))
-            return Event(task, error=f"worker {slot.index} died: {one_line(e)}", charged=True)
-        slot.engine = outcome.get("engine") or slot.engine
+            return Event(task, error=f"worker {slot.index} lost: {one_line(e)}", charged=True, certain=False)
+        slot.stats = outcome.stats or slot.stats
         return Event(task, outcome=outcome)
 
     def _died(self, slot: Slot, reason: str) -> None:
@@ -220,17 +223,17 @@ class Pool:
             return
         slot.alive = False
         self.last_error = reason
-        now = time.time()
+        now = time.monotonic()
         self.deaths.append(now)
         while self.deaths and self.deaths[0] < now - 3600:
             self.deaths.popleft()
         log = f" (log {slot.log})" if slot.log else ""
         if len(self.deaths) > self.budget:
-            print(f"[{self.name}] worker {slot.index} died: {reason}{log}; not replaced: {len(self.deaths)} deaths "
-                  f"in the last hour exceed the budget of {self.budget:g}", file=sys.stderr, flush=True)
+            say(self.name, f"worker {slot.index} died: {reason}{log}; not replaced: {len(self.deaths)} deaths "
+                           f"in the last hour exceed the budget of {self.budget:g}", error=True)
             return
-        print(f"[{self.name}] worker {slot.index} died: {reason}{log}; starting a new one "
-              f"({len(self.deaths)} deaths in the last hour, budget {self.budget:g})", file=sys.stderr, flush=True)
+        say(self.name, f"worker {slot.index} died: {reason}{log}; starting a new one ({len(self.deaths)} deaths in "
+                       f"the last hour, budget {self.budget:g})", error=True)
         self._launch()
 
     def _check_exhausted(self) -> None:
@@ -238,12 +241,40 @@ class Pool:
             raise PoolExhausted(f"every {self.name} worker died ({len(self.deaths)} in the last hour, budget "
                                 f"{self.budget:g}); the last error: {self.last_error}")
 
-    def engine_stats(self) -> dict:
-        """The engines' time summed over every worker so far: wall, busy (any request), queued (a full batch)."""
-        totals = {"wall_s": 0.0, "busy_s": 0.0, "queued_s": 0.0}
+    def _check_waiting(self) -> None:
+        """While no worker is ready: say what we wait for every `progress_every` s; stop after `start_timeout`."""
+        if self.ready_workers or any(s.ready for s in self.slots):
+            return
+        now = time.monotonic()
+        waited = now - self.started_at
+        timeout = self.config.start_timeout
+        if timeout and waited > timeout:
+            raise PoolExhausted(self.stuck_message(waited))
+        if now - self.last_wait_line >= self.progress_every:
+            self.last_wait_line = now
+            self.on_wait(f"waiting {waited:.0f} s for {self.sizing.line()} to start: {cluster.resources().line()}"
+                         + (f" (stops after {timeout:.0f} s: --start-timeout)" if timeout else ""))
+
+    def stuck_message(self, waited: float) -> str:
+        have = cluster.resources()
+        wanted = []
+        if self.sizing.gpus and have.gpus < self.sizing.gpus:
+            wanted.append(f"{self.sizing.gpus:g} GPU per worker but the cluster has {have.gpus:g} GPUs "
+                          "(on CPUs: --gpus-per-worker 0 --cpus-per-worker 1)")
+        if have.cpus < self.sizing.cpus:
+            wanted.append(f"{self.sizing.cpus:g} CPUs per worker but the cluster has {have.cpus:g} "
+                          "(--cpus-per-worker)")
+        why = "; ".join(wanted) or f"{have.line()}; the last error: {self.last_error or 'none'}"
+        return (f"no {self.name} worker started in {waited:.0f} s: each needs {why}. Change the flags, or wait "
+                "longer with --start-timeout SECONDS (0: for ever)")
+
+    def stats(self) -> dict:
+        """The workers' running figures summed over every worker so far (an engine's wall, busy, queued time)."""
+        totals: dict[str, float] = {}
         for slot in self.slots:
-            for key in totals:
-                totals[key] += slot.engine.get(key, 0.0)
+            for key, value in slot.stats.items():
+                if isinstance(value, (int, float)):
+                    totals[key] = totals.get(key, 0.0) + value
         return totals
 
     def close(self) -> None:
@@ -261,3 +292,4 @@ def one_line(error: BaseException) -> str:
     """The last line of an error's message (Ray's carry a traceback first)."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     return (lines[-1] if lines else type(error).__name__)[:500]
+

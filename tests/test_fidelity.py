@@ -35,6 +35,7 @@ def published_parquet(path, template: str, tokenizer) -> None:
     pq.write_table(pa.table({"image": images, "re_caption": captions}), path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", ["conv_llama3", "llava_llama_3"])
 def test_recovers_the_template_the_captions_were_made_with(tmp_path, converted, template, capsys):
     from transformers import AutoTokenizer

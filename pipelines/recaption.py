@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "instantly (measures the data plane)")
     m.add_argument("--prompt", help="instruction text or a file holding it; may use {org_caption}. "
                                     "Default: Recap-DataComp-1B's detailed-caption prompt")
+    m.add_argument("--chat-template", default=EngineConfig.chat_template,
+                   help="the captioner's conversation format: conv_llama3, llava_llama_3, none or 'system:TEXT' "
+                        "(recaption/prompt.py; LLaMA-3 tokenizers only). Default: the model folder's own")
     m.add_argument("--max-tokens", type=int, default=SamplingConfig.max_tokens,
                    help="new tokens per caption (Recap-DataComp-1B: 128)")
     m.add_argument("--temperature", type=float, default=SamplingConfig.temperature,
@@ -100,7 +103,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     engine = EngineConfig(model=a.model, revision=a.revision, backend=a.backend, dtype=a.dtype,
                           max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization,
                           tensor_parallel_size=a.tensor_parallel_size, max_num_seqs=a.max_num_seqs,
-                          engine_kwargs=a.engine_kwargs)
+                          engine_kwargs=a.engine_kwargs, chat_template=a.chat_template)
     sampling = SamplingConfig(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                               seed=a.seed)
     job = CaptionJob(engine, sampling, prompt=load_prompt(a.prompt),

@@ -1,12 +1,13 @@
 """Convert an original-LLaVA checkpoint into a llava-hf folder that vLLM and transformers load.
 
-  python -m recaption.convert SRC --out DIR [--vision-tower DIR] [--tokenizer DIR]
+  python -m recaption.convert SRC --out DIR [--vision-tower DIR] [--tokenizer DIR] [--template NAME]
 
 SRC is a haotian-liu/LLaVA `LlavaLlamaForCausalLM` folder or Hub id (LLaVA-1.5 architecture), such as the
 Recap-DataComp-1B captioner tennant/llava-llama-3-8b-hqedit. The vision tower defaults to the checkpoint's
 `mm_vision_tower` (openai/clip-vit-large-patch14-336 there), as the original code loads it, and the tokenizer
-to SRC (which ships none for the Recap captioner: pass a LLaMA-3-8B tokenizer). Hub ids are downloaded;
-local folders are read as they are.
+to SRC (which ships none for the Recap captioner: pass a LLaMA-3-8B tokenizer). The folder's chat template
+is the conversation format `--template` names (recaption/prompt.py; default conv_llama3, the captioner's
+lab's own). Hub ids are downloaded; local folders are read as they are.
 The result is written next to DIR and renamed into place only when complete.
 """
 from __future__ import annotations
@@ -30,24 +31,9 @@ from recaption.llava_original import (
     read_json,
     vision_name,
 )
+from recaption.prompt import DEFAULT_CHAT_TEMPLATE, chat_template, missing_llama3_tokens
 
 IMAGE_TOKEN = "<image>"
-# LLaMA-3 Instruct turns. The captioner's authors "changed the conversation template to LLaMA3's"
-# (UCSC-VLAA/Recap-DataComp-1B issue #2); the image comes first in the user turn, followed by a newline,
-# as in LLaVA's training data (`DEFAULT_IMAGE_TOKEN + '\n' + question`). The tokenizer adds
-# <|begin_of_text|> itself, so the template does not (a second BOS would change the prompt).
-LLAMA3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ '<image>\\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
-LLAMA3_TURN_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 END_OF_TURN = "<|eot_id|>"
 # Keys of a CLIP preprocessor_config.json (openai/clip-vit-large-patch14-336 uses the legacy int sizes).
 IMAGE_PROCESSOR_KEYS = frozenset({
@@ -70,6 +56,7 @@ class ConvertConfig:
     vision_tower: str | None = None  # default: the checkpoint's mm_vision_tower
     tokenizer: str | None = None     # default: SRC
     shard_bytes: int = 4 * 2**30     # largest output safetensors file
+    template: str = DEFAULT_CHAT_TEMPLATE  # the chat template written (a recaption.prompt spec)
 
 
 def resolve_folder(name: str, what: str) -> Path:
@@ -99,12 +86,11 @@ def load_tokenizer(source: Path, name: str | None):
         tokenizer = AutoTokenizer.from_pretrained(location)
     except Exception as e:  # transformers raises OSError, ValueError, ... for unloadable folders
         raise ConversionError(f"tokenizer {location}: cannot load ({type(e).__name__}: {e})") from None
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in LLAMA3_TURN_TOKENS if t not in vocab]
+    missing = missing_llama3_tokens(tokenizer)
     if missing:
         raise ConversionError(f"tokenizer {location}: lacks {missing}; the captioner's LLaMA-3 conversation "
                               "format needs a LLaMA-3 tokenizer")
-    if IMAGE_TOKEN in vocab:
+    if IMAGE_TOKEN in tokenizer.get_vocab():
         raise ConversionError(f"tokenizer {location}: already has {IMAGE_TOKEN!r}; expected a plain LLaMA-3 tokenizer")
     if tokenizer.bos_token_id is None or tokenizer("x").input_ids[:1] != [tokenizer.bos_token_id]:
         raise ConversionError(f"tokenizer {location}: does not start its encodings with a BOS token, "
@@ -300,6 +286,7 @@ def convert(cfg: ConvertConfig) -> Path:
     from transformers import CLIPVisionConfig, GenerationConfig, LlavaProcessor
 
     out = Path(cfg.out)
+    template = chat_template(cfg.template)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"{out}: exists and is not empty")
     source = resolve_folder(cfg.src, "checkpoint")
@@ -313,7 +300,7 @@ def convert(cfg: ConvertConfig) -> Path:
                                patch_size=vision_config.patch_size,
                                vision_feature_select_strategy=original.select_strategy,
                                num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
-                               chat_template=LLAMA3_CHAT_TEMPLATE)
+                               chat_template=template.jinja())
     generation = GenerationConfig(bos_token_id=config.text_config.bos_token_id, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=eos_ids(source, original, tokenizer))
 
@@ -354,8 +341,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="tokenizer folder or Hub id (default: SRC); a LLaMA-3 tokenizer for the Recap captioner")
     p.add_argument("--shard-bytes", type=int, default=ConvertConfig.shard_bytes,
                    help="largest output safetensors file, in bytes")
+    p.add_argument("--template", default=ConvertConfig.template,
+                   help="chat template written into the folder: conv_llama3 (default: the captioner's lab's LLaVA-"
+                        "LLaMA-3 format, system turn, two BOS), llava_llama_3 (LLaVA-NeXT's), none (LLaMA-3 turns "
+                        "only, one BOS) or 'system:TEXT' (conv_llama3 with TEXT as the system turn)")
     a = p.parse_args(argv)
-    print(convert(ConvertConfig(a.src, a.out, a.vision_tower, a.tokenizer, a.shard_bytes)))
+    print(convert(ConvertConfig(a.src, a.out, a.vision_tower, a.tokenizer, a.shard_bytes, a.template)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Protocol
 from PIL import Image
 
 from recaption import resolve
+from recaption.prompt import with_chat_template
 
 
 class RequestRejected(Exception):
@@ -29,8 +30,10 @@ class SamplingConfig:
     seed: int = 0
 
 
-# vLLM options that change speed or memory only, never a caption: they stay out of the fingerprint.
-# Every other `--engine-kwargs` key (quantization, kv_cache_dtype, load_format, hf_overrides, ...) enters it.
+# vLLM options that change speed or memory only: they stay out of the fingerprint. Every other
+# `--engine-kwargs` key (quantization, kv_cache_dtype, load_format, hf_overrides, ...) enters it. On a GPU
+# even these can change a greedy caption now and then: the batch a request shares decides the kernels'
+# reduction order and so the last bits of its logits, unless vLLM runs batch-invariant (BATCH_INVARIANT).
 PERFORMANCE_ONLY_OPTIONS = frozenset({
     "max_num_batched_tokens", "max_num_scheduled_tokens", "enable_prefix_caching", "prefix_caching_hash_algo",
     "mm_processor_cache_gb", "mm_processor_cache_type", "mm_shm_cache_max_object_size_mb", "block_size",
@@ -42,6 +45,15 @@ PERFORMANCE_ONLY_OPTIONS = frozenset({
     "renderer_num_workers", "safetensors_load_strategy", "use_tqdm_on_load", "optimization_level",
     "step_seconds",  # the null backend's simulated engine time
 })
+# `--engine-kwargs '{"batch_invariant": true}'`: vLLM's batch-invariant mode (the VLLM_BATCH_INVARIANT=1
+# environment of its engine process; NVIDIA GPUs of compute capability 9.0 or more): a request's output no
+# longer depends on what else is in its batch, at some speed. It enters the fingerprint (other kernels).
+BATCH_INVARIANT = "batch_invariant"
+# The original LLaVA code resizes with PIL (bicubic). transformers 5 picks its torchvision image backend
+# whenever torchvision is installed, which resamples differently (tests/test_convert.py); both engines load
+# the PIL one: transformers through AutoProcessor's `backend`, vLLM through `mm_processor_kwargs`, which it
+# passes to the same call when it loads the model folder's processor.
+IMAGE_BACKEND = "pil"
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class EngineConfig:
     max_num_seqs: int | None = None     # vLLM's concurrent sequences; None: vLLM's default for the hardware
     batch_size: int = 16            # transformers: requests per generate() call
     engine_kwargs: dict = field(default_factory=dict)  # any other vLLM EngineArgs option
+    chat_template: str | None = None    # a recaption.prompt template spec; None: the model folder's own
     model_version: str | None = None    # set by pinned(): a Hub commit or 'sha256:...' of a local folder
 
     def __post_init__(self):
@@ -123,9 +136,11 @@ class CaptionEngine(Protocol):
 
 
 def load_processor(config: EngineConfig):
+    """The model's processor with the PIL image backend, rendering `config.chat_template` if one is named."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(config.model, revision=config.revision)
+    processor = AutoProcessor.from_pretrained(config.model, revision=config.revision, backend=IMAGE_BACKEND)
+    return with_chat_template(processor, config.chat_template) if config.chat_template else processor
 
 
 class StreamingEngine:
@@ -161,6 +176,21 @@ def cpu_backend_reserves_ram(engine_kwargs: dict) -> bool:
             and "VLLM_CPU_KVCACHE_SPACE" not in os.environ)
 
 
+def vllm_engine_args(config: EngineConfig, seed: int) -> tuple[dict, dict]:
+    """vLLM EngineArgs keywords and the environment its engine process needs, for a pinned config."""
+    options = dict(config.engine_kwargs)
+    env = {"VLLM_BATCH_INVARIANT": "1"} if options.pop(BATCH_INVARIANT, False) else {}
+    optional = {"max_num_seqs": config.max_num_seqs} if config.max_num_seqs else {}
+    if cpu_backend_reserves_ram(options):
+        optional["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    options["mm_processor_kwargs"] = {"backend": IMAGE_BACKEND, **options.get("mm_processor_kwargs", {})}
+    kwargs = dict(
+        model=config.model, revision=config.revision, dtype=config.dtype, max_model_len=config.max_model_len,
+        gpu_memory_utilization=config.gpu_memory_utilization, tensor_parallel_size=config.tensor_parallel_size,
+        limit_mm_per_prompt={"image": 1}, seed=seed, disable_log_stats=True, **optional, **options)
+    return kwargs, env
+
+
 class VllmEngine(StreamingEngine):
     """vLLM's LLMEngine driven directly: add_request as requests arrive, step() returns finished ones."""
 
@@ -173,14 +203,9 @@ class VllmEngine(StreamingEngine):
 
         config = config.pinned()
         self.processor = load_processor(config)
-        optional = {"max_num_seqs": config.max_num_seqs} if config.max_num_seqs else {}
-        if cpu_backend_reserves_ram(config.engine_kwargs):
-            optional["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-        args = EngineArgs(
-            model=config.model, revision=config.revision, dtype=config.dtype, max_model_len=config.max_model_len,
-            gpu_memory_utilization=config.gpu_memory_utilization, tensor_parallel_size=config.tensor_parallel_size,
-            limit_mm_per_prompt={"image": 1}, seed=sampling.seed, disable_log_stats=True,
-            **optional, **config.engine_kwargs)
+        kwargs, env = vllm_engine_args(config, sampling.seed)
+        os.environ.update(env)  # read by the engine-core process vLLM starts below
+        args = EngineArgs(**kwargs)
         # The offline (LLM class) defaults for batch sizes, as `vllm.LLM` uses.
         self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
         self.concurrency = self.engine.vllm_config.scheduler_config.max_num_seqs

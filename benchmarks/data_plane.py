@@ -40,11 +40,11 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dataset.images import ImageConfig, ImageError, prepare_image
 from dataset.synthetic.input_shards import write_shards
 from recaption.contract_adapter import ShardReader, shard_name
 from recaption.engines import EngineConfig, NullEngine
 from recaption.flow import ShardTask
-from recaption.images import ImageConfig, ImageError, prepare_image
 from recaption.job import CaptionJob
 from recaption.pool import PoolConfig
 from recaption.tiny import build_tiny_llava

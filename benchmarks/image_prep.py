@@ -19,8 +19,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from dataset.images import DEFAULT_MAX_SIDE, ImageConfig, prepare_image
 from dataset.synthetic.shapes import draw_shape, jpeg_bytes, random_sample
-from recaption.images import DEFAULT_MAX_SIDE, ImageConfig, prepare_image
 
 SMALL_SIZES = ((512, 384), (384, 512), (512, 512), (512, 341), (512, 288))
 LARGE_SIZES = ((3000, 2000), (2000, 3000), (3000, 2250), (3000, 1688), (2800, 2800))

@@ -28,12 +28,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from dataset.images import prepare_image
 from dataset.synthetic.input_shards import write_shards
 from pipelines.recaption import config_from_args, parse_args
 from recaption import driver
 from recaption.contract_adapter import ShardReader
 from recaption.engines import CPU_KV_CACHE_BYTES, cpu_backend_reserves_ram, load_processor
-from recaption.images import prepare_image
 from recaption.prompt import PromptBuilder
 from recaption.tiny import build_tiny_llava
 

@@ -14,9 +14,9 @@ import json
 import sys
 
 from dataset import reader
+from dataset.images import ImageConfig
 from dataset.logs import one_line_errors
 from recaption.engines import EngineConfig, SamplingConfig
-from recaption.images import ImageConfig
 from recaption.job import CaptionJob
 from recaption.prompt import load_prompt
 from recaption.stage import RunConfig, run

@@ -2,7 +2,7 @@
 
 Protocol. A sample of rows (uniform, without replacement, seeded) is drawn from Parquet files of published
 captions with their images, such as UCSC-VLAA/Recap-COCO-30K (COCO images recaptioned by the Recap-DataComp-1B
-captioner). Each image is prepared as a recaption job prepares it (recaption/images.py) and captioned greedily
+captioner). Each image is prepared as a recaption job prepares it (dataset/images.py) and captioned greedily
 under every candidate: each chat template (recaption/prompt.py) on each backend, one engine per backend.
 Both captions are cleaned as the job cleans its output (whitespace collapsed) and compared per image:
 
@@ -28,8 +28,8 @@ from statistics import NormalDist
 import numpy as np
 from PIL import Image
 
+from dataset.images import ImageConfig, ImageError, prepare_image
 from recaption.engines import EngineConfig, SamplingConfig, make_engine
-from recaption.images import ImageConfig, ImageError, prepare_image
 from recaption.postprocess import clean_caption
 from recaption.prompt import CHAT_TEMPLATES, DEFAULT_PROMPT, PromptBuilder, with_chat_template
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from dataset import storage
+from dataset.images import ImageError, PreparedImage, prepare_image
 from dataset.outputs import PARQUET_DIR, WDS_DIR, WdsWriter, build_row, make_ledger, read_rows, write_parquet
 from dataset.protocol import ShardStore
 from dataset.reader import InputSample, ShardReader, expected_samples
 from dataset.wds import iter_samples
 from recaption.engines import Generation, RequestRejected
-from recaption.images import ImageError, PreparedImage, prepare_image
 from recaption.job import CaptionJob
 from recaption.postprocess import clean_caption, quality_flags
 from recaption.prompt import PromptBuilder

@@ -8,10 +8,10 @@ from importlib import metadata
 
 from PIL import Image
 
+from dataset.images import ImageConfig
 from dataset.reader import ReadLimits
 from recaption import resolve
 from recaption.engines import IMAGE_BACKEND, EngineConfig, SamplingConfig, load_processor
-from recaption.images import ImageConfig
 from recaption.postprocess import CLEANUP_VERSION
 from recaption.prompt import DEFAULT_PROMPT, PromptBuilder, identify_chat_template
 

@@ -27,12 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataset import outputs, storage
+from dataset.images import ImageError, prepare_image
 from dataset.protocol import Ledger, ShardStore
 from dataset.reader import ReadLimits, ShardReader
 from dataset.scores import SCORE_SCHEMA, is_current, register_scorer, score_store
 from dataset.versions import Output
 from dataset.wds import iter_samples
-from recaption.images import ImageError, prepare_image
 from runner.cluster import process_id
 from runner.planning import Wanted, plan_shards
 from runner.pool import PoolConfig, Sizing

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
+from dataset.images import ImageConfig, ImageError, PreparedImage, prepare_image
 from dataset.synthetic.bad_inputs import bomb_png_bytes
-from recaption.images import ImageConfig, ImageError, PreparedImage, prepare_image
 
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 # The mode tests use images of a few pixels; the size refusals have their own tests below.
@@ -234,7 +234,7 @@ def test_large_png_downscaled():
 @pytest.fixture
 def converted(monkeypatch) -> list[tuple[str, tuple[int, int]]]:
     """(mode, size) of every image handed to the RGB conversion."""
-    from recaption import images
+    from dataset import images
 
     seen: list[tuple[str, tuple[int, int]]] = []
     original = images._to_rgb

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from dataset import storage
+from dataset.images import ImageError, prepare_image
 from dataset.reader import (
     MAX_KEY_CHARS,
     InputError,
@@ -32,7 +33,6 @@ from dataset.reader import (
 from dataset.synthetic.bad_inputs import BAD_KINDS, LLAMA3_INJECTION, huge_16bit_png
 from dataset.synthetic.input_shards import compress_shard, cut_shard, write_shards
 from dataset.synthetic.shapes import jpeg_bytes
-from recaption.images import ImageError, prepare_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_%~-]+$")
@@ -179,7 +179,7 @@ PEAK_RSS = """
 import io, json, re, sys
 from PIL import Image
 from dataset.reader import ShardReader
-from recaption.images import ImageError, prepare_image
+from dataset.images import ImageError, prepare_image
 
 def kib(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))

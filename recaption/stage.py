@@ -125,6 +125,7 @@ class CaptionStage:
 
 def run(cfg: RunConfig) -> int:
     """Run the job; returns the process exit code (0: every input shard committed)."""
+    cfg.runner.check(cfg.output)
     # --plan writes nothing under the output, its logs included.
     log_out = cfg.output if not cfg.plan else storage.join(tempfile.gettempdir(), "openvision-plan")
     with logs(log_out, "driver.log", cfg.runner.verbose) as log:

@@ -36,6 +36,13 @@ class RunnerConfig:
     gpu_hour_price: float | None = None  # price of one GPU-hour, for the projection
     verbose: bool = False                # library logs and worker output on the console too
 
+    def check(self, out: str) -> None:
+        """Refuse settings that cannot work on the output's storage, before anything starts."""
+        if storage.is_remote(out) and self.schedule.claim_ttl < MIN_REMOTE_CLAIM_TTL:
+            raise ValueError(f"--claim-ttl {self.schedule.claim_ttl:g}: claims on remote storage need at least "
+                             f"{MIN_REMOTE_CLAIM_TTL:g} s (the storage's clock ticks in whole seconds; renewals cross "
+                             "the network)")
+
 
 @dataclass
 class RunResult:
@@ -86,12 +93,6 @@ def check_storage(out: str, single_writer: bool) -> str | None:
             "Use storage that honours conditional writes, or --single-writer to run knowingly with one driver.")
 
 
-def check_claim_ttl(base: str, ttl: float) -> None:
-    if storage.is_remote(base) and ttl < MIN_REMOTE_CLAIM_TTL:
-        raise ValueError(f"--claim-ttl {ttl:g}: claims on remote storage need at least {MIN_REMOTE_CLAIM_TTL:g} s "
-                         "(the storage's clock ticks in whole seconds; renewals cross the network)")
-
-
 def start_pool(stage: Stage, config: RunnerConfig, pending: int, log: LogFile) -> tuple[Pool, ClusterView]:
     """Size the stage's workers and start them."""
     import ray
@@ -126,7 +127,6 @@ def plan_lines(stage: Stage, plan: Plan) -> list[tuple[str, bool]]:
 
 def run_stage(stage: Stage, config: RunnerConfig, log: LogFile) -> RunResult:
     """Plan and run every pending shard of `stage`; the result says what happened (see RunResult)."""
-    check_claim_ttl(stage.store.base, config.schedule.claim_ttl)
     plan = stage.plan()
     for line, problem in plan_lines(stage, plan):
         say(stage.name, line, error=problem)

@@ -37,6 +37,25 @@ class ClipModelSpec:
     def describe(self) -> str:
         return self.model + (f" ({self.pretrained})" if self.pretrained else "")
 
+    def check(self) -> None:
+        """Refuse, in one line and before any worker starts, a model open_clip cannot make: a local folder without
+        open_clip's config, an unknown built-in architecture or pretrained tag (hf-hub: names are checked by the
+        Hub when a worker loads them)."""
+        import open_clip
+
+        if self.model.startswith(LOCAL_DIR):
+            folder = Path(self.model[len(LOCAL_DIR):])
+            if not (folder / "open_clip_config.json").is_file():
+                raise ValueError(f"--clip-model {self.model}: no open_clip_config.json in {folder}")
+        elif not self.model.startswith("hf-hub:"):
+            if self.model not in open_clip.list_models():
+                near = [name for name in open_clip.list_models() if name.lower() == self.model.lower()]
+                raise ValueError(f"--clip-model {self.model}: not an open_clip architecture"
+                                 + (f" (did you mean {near[0]}?)" if near else " (see open_clip.list_models())"))
+            tags = open_clip.list_pretrained_tags_by_model(self.model)
+            if self.pretrained and self.pretrained not in tags:
+                raise ValueError(f"--pretrained {self.pretrained}: {self.model} has {', '.join(tags) or 'none'}")
+
 
 def folder_digest(folder: Path) -> str:
     """SHA-256 over the names and bytes of a folder's files (sorted), streamed."""

@@ -324,8 +324,10 @@ class ScoreStage:
 
 def score(config: ScoreConfig) -> RunResult:
     """Score every pending shard of the output version on a pool of `ScoreWorker` actors (runner/run.py)."""
+    output = Output.open(config.input, config.fingerprint)
+    config.runner.check(config.input)
+    config.spec.check()
     with logs(config.input, "score-driver.log", config.runner.verbose) as log:
-        output = Output.open(config.input, config.fingerprint)
         refused = check_storage(config.input, config.runner.single_writer)
         if refused:
             raise ValueError(refused)

@@ -47,7 +47,7 @@ def lax_s3():
     server.start()
     with S3Proxy(server.endpoint, drop_headers=("If-None-Match", "If-Match"), anonymous=True) as proxy:
         server.client().create_bucket(Bucket="lax")
-        proxy.server_env = server.env()
+        proxy.server_env, proxy.upstream_server = server.env(), server
         yield proxy
     server.stop()
 

@@ -7,13 +7,18 @@ It forwards every request to the upstream server and can
 - cut the next GET response bodies after some bytes and close the connection, like a connection
   reset in the middle of a download (the headers announce the full length);
 - answer the next requests with 503 SlowDown, before the server sees them or after it has acted on
-  them (an answer lost on the way back).
+  them (an answer lost on the way back);
+- check `If-None-Match: *` itself, with a HEAD and then an unconditional PUT (`racy_creates`): right for one
+  writer at a time, wrong under a concurrent burst, like gateways whose conditional create is not atomic
+  (reported for SeaweedFS, seaweedfs issue 8800, and rustfs, issue 1659);
+- refuse requests that carry conditional headers with 501 NotImplemented (`refuse_conditions`).
 """
 from __future__ import annotations
 
 import http.client
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -22,8 +27,10 @@ HOP_BY_HOP = ("connection", "keep-alive", "transfer-encoding", "proxy-connection
 
 
 class S3Proxy:
-    def __init__(self, upstream: str, *, drop_headers: tuple[str, ...] = (), anonymous: bool = False) -> None:
+    def __init__(self, upstream: str, *, drop_headers: tuple[str, ...] = (), anonymous: bool = False,
+                 racy_creates: bool = False, refuse_conditions: bool = False) -> None:
         parts = urlsplit(upstream)
+        self.racy_creates, self.refuse_conditions = racy_creates, refuse_conditions
         self.upstream = (parts.hostname, parts.port)
         self.drop = {h.lower() for h in drop_headers} | (set(SIGNATURE_HEADERS) if anonymous else set())
         self.cut_reads = 0
@@ -78,13 +85,33 @@ class S3Proxy:
                 self.end_headers()
                 self.wfile.write(body if self.command != "HEAD" else b"")
 
+            def error(self, status: int, code: str) -> None:
+                body = f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>".encode()
+                self.send_response_only(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body if self.command != "HEAD" else b"")
+
             def forward(self) -> None:
                 body = self.read_body()
                 fail, after_forwarding = proxy._take_failure()
                 if fail and not after_forwarding:
                     return self.slow_down()
+                conditional = {"if-none-match", "if-match"} & {k.lower() for k in self.headers}
+                if proxy.refuse_conditions and conditional:
+                    return self.error(501, "NotImplemented")
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in proxy.drop and k.lower() not in HOP_BY_HOP}
+                if proxy.racy_creates and self.command == "PUT" and "if-none-match" in conditional:
+                    headers = {k: v for k, v in headers.items() if k.lower() != "if-none-match"}
+                    check = http.client.HTTPConnection(*proxy.upstream, timeout=30)
+                    check.request("HEAD", self.path)
+                    exists = check.getresponse().status == 200
+                    check.close()
+                    if exists:
+                        return self.error(412, "PreconditionFailed")
+                    time.sleep(0.05)   # the gap between the check and the write that concurrent writers share
                 upstream = http.client.HTTPConnection(*proxy.upstream, timeout=30)
                 try:
                     upstream.request(self.command, self.path, body=body, headers=headers)

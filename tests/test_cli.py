@@ -23,6 +23,7 @@ def commands(missing: str, out: str) -> dict[str, list[str]]:
         "evaluate": ["--checkpoint", missing, "--zeroshot", out],
         "download": ["--url-list", missing, "--output", out],
         "train": ["--data", missing, "--out", out, "--build-tokenizer"],
+        "verify": [missing],
     }
 
 
@@ -54,3 +55,27 @@ def test_a_script_run_prints_no_traceback_unless_asked(tmp_path):
     loud = subprocess.run(command, cwd=ROOT, env={**env, "OPENVISION_TRACEBACK": "1"}, capture_output=True,
                           text=True, timeout=120)
     assert loud.returncode == 1 and "Traceback" in loud.stderr and "FileNotFoundError" in loud.stderr
+
+
+def test_a_mistyped_clip_model_is_one_line_before_any_worker_starts(tmp_path, capsys):
+    from dataset.synthetic import finished_runs
+    from pipelines import score
+
+    out = str(tmp_path / "out")
+    finished_runs.write_recaption_outputs(out, 1, 4, image_size=16)
+    for flags, says in ((["--clip-model", "ViT-l-14"], "not an open_clip architecture (did you mean ViT-L-14?)"),
+                        (["--clip-model", "ViT-L-14", "--pretrained", "datacomp"], "ViT-L-14 has openai, "),
+                        (["--clip-model", f"local-dir:{tmp_path}"], "no open_clip_config.json")):
+        with pytest.raises(SystemExit) as ended:
+            score.main(["--input", out, *flags])
+        err = capsys.readouterr().err
+        assert ended.value.code == 2 and err.count("\n") == 1 and says in err, err
+
+
+def test_a_claim_ttl_too_short_for_remote_storage_is_refused(capsys):
+    from pipelines import recaption
+
+    with pytest.raises(SystemExit) as ended:
+        recaption.main(["--input", "s3://bucket/in", "--output", "s3://bucket/out", "--model", str(ROOT),
+                        "--backend", "null", "--claim-ttl", "2"])
+    assert ended.value.code == 2

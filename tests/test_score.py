@@ -228,3 +228,21 @@ def test_worker_actor_shape_and_abandon(tmp_path, clip_dir):
     assert seen[0] == {"00001": "scoring"} and worker.status()["shards"] == {}
     store = scores.score_store(output)
     assert "00001" not in store.done() and "00001" not in store.list().data
+
+
+def test_images_come_from_the_captioned_input_with_its_caps_or_not_at_all(tmp_path):
+    """Issue 19, case 11: without WDS files the scores read the input tar again, with the caps it was captioned
+    with, and only if it is still the tar that was captioned."""
+    from dataset.synthetic.input_shards import write_shards
+    from scoring.stage import iter_images
+
+    info = write_shards(tmp_path / "in", shards=1, per_shard=4)[0]
+    tar = tmp_path / "in" / "00000.tar"
+    output = Output.register(str(tmp_path / "out"), "f" * 16, {}, new_version=False, kinds={"parquet": "parquet"})
+    ledger = {"shard": "00000", "files": {}, "input": str(tar), "input_bytes": tar.stat().st_size,
+              "caption_config": {"input": {"max_image_bytes": 100, "max_text_bytes": 64, "max_json_bytes": 1 << 20}}}
+    images = dict(iter_images(output, ledger))
+    assert sorted(images) == sorted(info["keys"]) and set(images.values()) == {b""}, "over the captioned cap: none"
+    tar.write_bytes(tar.read_bytes() + b"\0" * 512)   # the tar changed since it was captioned
+    with pytest.raises(ValueError, match=r"00000.tar: .* bytes, but it had .* when shard 00000 was captioned"):
+        list(iter_images(output, ledger))

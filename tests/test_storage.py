@@ -346,3 +346,31 @@ def test_probe_refuses_storage_that_ignores_conditions(lax_s3, s3_bucket, monkey
     reason = storage.probe_conditional_writes("s3://lax/out")
     assert reason and "ignores If-None-Match" in reason and lax_s3.url in reason
     assert storage.list_files("s3://lax/out/_probe") == []   # the probe cleans up after itself
+
+
+def test_probe_refuses_a_store_whose_conditional_creates_race(lax_s3, monkeypatch):
+    """Issue 19, case 10: right for one writer at a time, so only a concurrent burst shows it."""
+    with S3Proxy(lax_s3.upstream_server.endpoint, anonymous=True, racy_creates=True) as racy:
+        for var, value in lax_s3.server_env.items():
+            monkeypatch.setenv(var, value)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", racy.url)
+        storage.reset_s3_client()
+        path = "s3://lax/racy/_ledger/00000.json"
+        assert storage.put_if_absent(path, b"first") and not storage.put_if_absent(path, b"second")
+        reason = storage.probe_conditional_writes("s3://lax/racy")
+        assert reason and "concurrent conditional creates" in reason and "win (exactly one must)" in reason
+        assert racy.url in reason
+    storage.reset_s3_client()
+
+
+def test_probe_turns_a_store_that_rejects_conditional_headers_into_one_line(lax_s3, monkeypatch):
+    with S3Proxy(lax_s3.upstream_server.endpoint, anonymous=True, refuse_conditions=True) as refusing:
+        for var, value in lax_s3.server_env.items():
+            monkeypatch.setenv(var, value)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", refusing.url)
+        monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
+        storage.reset_s3_client()
+        reason = storage.probe_conditional_writes("s3://lax/refusing")
+        assert reason and reason.startswith(f"S3 endpoint {refusing.url} failed a conditional-write check: OSError")
+        assert "NotImplemented" in reason and "\n" not in reason
+    storage.reset_s3_client()

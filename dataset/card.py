@@ -195,7 +195,8 @@ IMAGE_KEYS = ("max_side", "draft", "max_pixels", "min_side", "max_aspect_ratio")
 
 def describe_config(config: dict) -> list[tuple[str, str]]:
     """(label, sentence) pairs covering every key of the caption config, as plain text (not yet escaped)."""
-    lines, covered = [], set()
+    lines: list[tuple[str, str]] = []
+    covered: set[str] = set()
     for label, (keys, sentence) in CONFIG_SENTENCES.items():
         if any(k in config for k in keys):
             lines.append((label, sentence(config)))

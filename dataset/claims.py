@@ -108,6 +108,8 @@ def update(path: str, change: Change, known: tuple[ClaimRecord, str] | None = No
     """Read-modify-write of one claim: `change(current, age)` returns the record to write, or None to write
     nothing. Returns (written record, etag), or None when `change` declined. `known` (a record and its etag
     from our last write) is tried first without a read; a conflict reads the claim again and re-applies."""
+    current: ClaimRecord | None
+    etag: str | None
     for _ in range(CAS_TRIES):
         if known is not None:
             current, etag, age = known[0], known[1], 0.0

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,6 +69,38 @@ def _words(text: str | None) -> int:
     return len(text.split()) if text else 0
 
 
+class RecaptionLedger(Ledger, total=False):
+    """A caption shard's commit: the protocol's fields, then what went in, counts over the rows, timings."""
+    input: str                         # the input tar
+    input_bytes: int                   # its size when it was captioned (the score stage checks it)
+    caption_config: dict               # the settings behind the fingerprint (dropped by readers after the first)
+    samples_in: int                    # = rows_out + duplicates
+    duplicates: int
+    duplicate_keys: list[str]
+    rows_out: int
+    ok: int
+    error: int
+    errors_by_reason: dict[str, int]
+    quality: dict[str, int]
+    nonregular: dict[str, int]         # input members that are links, folders or devices, by kind
+    ignored: dict[str, int]
+    members: int
+    bytes: int                         # uncompressed tar bytes read
+    tokens: int
+    started_at: float
+    finished_at: float
+    seconds: float
+    images_per_s: float
+    tokens_per_s: float
+    first_request_at: float | None
+    generate_seconds: float
+    generate_images_per_s: float
+    generate_tokens_per_s: float
+    worker: str
+    attempt: int                       # tries of the shard in the run that committed it
+    heal: str | None                   # why a committed generation was made again
+
+
 # --- rows and files --------------------------------------------------------------------------
 
 def build_row(sample: InputSample, *, shard: str, fingerprint: str, error: str | None = None,
@@ -83,7 +115,7 @@ def build_row(sample: InputSample, *, shard: str, fingerprint: str, error: str |
         raise ValueError(f"{shard}/{sample.key}: a row needs a caption or an error")
     org = " ".join((sample.org_caption or "").split())
     ok = error is None
-    text = " ".join(caption.split()) if ok else None
+    text = " ".join((caption or "").split()) if ok else None
     flags = [flag for flag in quality.split(",") if flag] if ok else []
     if sample.org_caption_truncated:
         flags.append("truncated")
@@ -98,13 +130,13 @@ def build_row(sample: InputSample, *, shard: str, fingerprint: str, error: str |
 
 
 def make_ledger(rows: list[dict], *, input: str, fingerprint: str, caption_config: dict, samples_in: int,
-                started_at: float, finished_at: float, worker: str, duplicates: int = 0, **extra) -> Ledger:
+                started_at: float, finished_at: float, worker: str, duplicates: int = 0, **extra) -> RecaptionLedger:
     """A shard's ledger before `Attempt.commit` adds shard, attempt_id, generation and files:
     what went in, counts over the rows, timing, and any `extra` facts of the caller."""
     status = Counter(row["status"] for row in rows)
     tokens = sum(row["num_tokens"] or 0 for row in rows)
     seconds = max(finished_at - started_at, 1e-9)
-    return {
+    return cast(RecaptionLedger, {
         "input": input, "fingerprint": fingerprint, "caption_config": caption_config,
         "samples_in": samples_in, "duplicates": duplicates,
         "rows_out": len(rows), "ok": status["ok"], "error": status["error"],
@@ -112,7 +144,7 @@ def make_ledger(rows: list[dict], *, input: str, fingerprint: str, caption_confi
         "quality": dict(Counter(flag for row in rows if row["quality"] for flag in row["quality"].split(","))),
         "tokens": tokens, "started_at": started_at, "finished_at": finished_at, "seconds": seconds,
         "images_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds, "worker": worker, **extra,
-    }
+    })
 
 
 def write_parquet(rows: list[dict], local_file: str) -> int:
@@ -178,7 +210,7 @@ class FinishedRun:
     """
     output: Output
     caption_config: dict
-    ledgers: list[Ledger]
+    ledgers: list[RecaptionLedger]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     run: dict | None = None
 
@@ -195,13 +227,14 @@ class FinishedRun:
         return self.output.fingerprint
 
     def total(self, key: str) -> int:
-        return sum(ledger.get(key) or 0 for ledger in self.ledgers)  # type: ignore[misc]
+        """Sum of a count field over the done shards' ledgers."""
+        return sum(int(facts.get(key) or 0) for facts in map(_facts, self.ledgers))
 
     def summed(self, key: str) -> Counter:
         """Sum of a {name: count} field over the done shards' ledgers."""
         counts: Counter = Counter()
-        for ledger in self.ledgers:
-            counts.update(ledger.get(key) or {})  # type: ignore[call-overload]
+        for facts in map(_facts, self.ledgers):
+            counts.update(facts.get(key) or {})
         return counts
 
     def errors_by_reason(self) -> Counter:
@@ -217,15 +250,21 @@ class FinishedRun:
         return self.store.files(self.by_shard[shard])[WDS_DIR]
 
 
-def committed(output: Output, listing: StoreListing | None = None) -> tuple[list[Ledger], list[tuple[str, str]]]:
+def _facts(ledger: RecaptionLedger) -> dict[str, Any]:
+    """A ledger's fields by a name known only at run time."""
+    return dict(ledger)
+
+
+def committed(output: Output, listing: StoreListing | None = None
+              ) -> tuple[list[RecaptionLedger], list[tuple[str, str]]]:
     """The latest ledgers of the version's shards whose files are all there with their recorded bytes, and
     (shard, reason) for the shards left out. Requests: the listings, then one read per committed shard."""
     store = output.store
-    listing = listing if listing is not None else store.list()
+    listing = listing if listing is not None else store.listing()
     done = listing.done()
     ledgers = store.read_ledgers(done)
     skipped = [(shard, "no ledger (shard not finished)") for shard in sorted(listing.data.keys() - done.keys())]
-    found = []
+    found: list[RecaptionLedger] = []
     for shard in sorted(done):
         ledger = ledgers[shard]
         if ledger is None:
@@ -239,7 +278,7 @@ def committed(output: Output, listing: StoreListing | None = None) -> tuple[list
             skipped.append((shard, f"its ledger names files that are not as committed: {'; '.join(problems)} "
                                    "(a rerun captions it again)"))
         else:
-            found.append(ledger)
+            found.append(cast(RecaptionLedger, ledger))
     return found, sorted(skipped)
 
 
@@ -247,8 +286,8 @@ def load_finished(out: str, fingerprint: str | None = None) -> FinishedRun:
     """The committed shards of OUT's current version (or of `fingerprint`'s), resolved through ledgers."""
     output = Output.open(out, fingerprint)
     ledgers, skipped = committed(output)
-    configs = [ledger.pop("caption_config", None) for ledger in ledgers]  # type: ignore[misc]
-    config = output.caption_config or next((c for c in configs if c), None) or {}
+    configs = [ledger.pop("caption_config", None) for ledger in ledgers]
+    config = output.caption_config or next((c for c in configs if c), {})
     summary = _read_json(output.run_path)
     if summary and summary.get("fingerprint") != output.fingerprint:
         summary = None  # the summary of a run before this version's

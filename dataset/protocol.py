@@ -217,7 +217,7 @@ class ShardStore:
                 listing.data.setdefault(parsed.shard, {}).setdefault(key, {})[kind] = entry
         return listing
 
-    def list(self, shard: str | None = None) -> StoreListing:
+    def listing(self, shard: str | None = None) -> StoreListing:
         """Ledgers, then data files (H2's order)."""
         listing = self.list_ledgers()
         if shard is not None:
@@ -293,8 +293,8 @@ class ShardStore:
 
     def cleanup(self, listing: StoreListing | None = None, *, grace_s: float = CLEANUP_GRACE_S) -> list[str]:
         """Delete the data files no one can commit any more and no latest ledger names (rules C1-C4); returns
-        their paths. `listing`: one made by `list()` (the data listing must come before the claim reads)."""
-        listing = listing if listing is not None else self.list()
+        their paths. `listing`: one made by `listing()` (the data listing must come before the claim reads)."""
+        listing = listing if listing is not None else self.listing()
         now = None
         deleted: list[str] = []
         for shard, attempts in sorted(listing.data.items()):
@@ -389,8 +389,8 @@ class Attempt:
         """
         if missing := sorted(set(self.store.kinds) - set(self.written)):
             raise ValueError(f"shard {self.shard}: a commit needs every kind of {self.store}; {missing} not written")
-        ledger.update(shard=self.shard, attempt_id=self.attempt_id, generation=self.generation,
-                      files=dict(self.written))
+        ledger["shard"], ledger["attempt_id"], ledger["generation"] = self.shard, self.attempt_id, self.generation
+        ledger["files"] = dict(self.written)
         self.result = self._commit(ledger)
         return self.result
 
@@ -456,7 +456,7 @@ def count_rows(path: str, ext: str) -> int | None:
         keys: set[str] = set()
         with storage.open_read(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                tar.members = []
+                tar.members = []  # type: ignore[attr-defined]  # stream mode keeps every TarInfo otherwise
                 keys.add(storage.basename(member.name).partition(".")[0])
         return len(keys)
     return None
@@ -467,7 +467,7 @@ def verify(store: ShardStore, *, fingerprint: str | None = None, rows: bool = Tr
     """Check every shard's latest ledger against the files: it parses, has `fingerprint`, every file it names
     exists with its recorded bytes and (with `rows`) its recorded rows. Returns the ledgers that passed and
     the problems found."""
-    listing = store.list()
+    listing = store.listing()
     latest = listing.done()
     ledgers = store.read_ledgers(latest)
     passed: dict[str, Ledger] = {}

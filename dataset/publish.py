@@ -155,7 +155,7 @@ class Written:
     samples: list[dict] = field(default_factory=list)
 
 
-def _estimated_ok_bytes(ledger: dict) -> int:
+def _estimated_ok_bytes(ledger: outputs.RecaptionLedger) -> int:
     """Parquet bytes the shard's ok rows should take: its file size scaled by the ok share."""
     size = ledger["files"]["parquet"]["bytes"]
     return size * ledger["ok"] // max(ledger["rows_out"], 1)
@@ -164,7 +164,7 @@ def _estimated_ok_bytes(ledger: dict) -> int:
 def make_plan(run: outputs.FinishedRun, target_bytes: int, files_per_folder: int = 9_000,
               folder: str = DATA_DIR) -> Plan:
     """Group committed shards, in order, into train files of about `target_bytes` (a shard is never split)."""
-    groups: list[list[dict]] = []
+    groups: list[list[outputs.RecaptionLedger]] = []
     size = 0
     for ledger in run.ledgers:
         if not ledger["ok"]:

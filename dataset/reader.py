@@ -38,9 +38,9 @@ import re
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from dataset import storage
 
@@ -53,7 +53,12 @@ MAX_HEADER_BYTES = 1 << 20
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _MEMBER = re.compile(rb"^((?:.*/|)[^.]+)[.]([^/]*)$", re.DOTALL)  # webdataset's base_plus_ext, on bytes
 _COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
-_DECOMPRESS = {"gzip": lambda f: gzip.GzipFile(fileobj=f), "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}
+_DECOMPRESS: dict[str, Callable[[Any], _Readable]] = {
+    "gzip": lambda f: gzip.GzipFile(fileobj=f), "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
 _EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
                      tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 
@@ -223,18 +228,18 @@ class _Header(tarfile.TarInfo):
     """
 
     @classmethod
-    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]  # stubs: _Header
         try:
             return super().fromtarfile(archive)
         except tarfile.HeaderError as e:
-            archive.end_error = e  # EOFHeaderError: a zero block, the archive's proper end
+            archive.end_error = e  # type: ignore[attr-defined]  # EOFHeaderError: a zero block, the proper end
             raise
 
     def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _EXTENDED_HEADERS and self.size > MAX_HEADER_BYTES:
             raise InputError(f"extended tar header of {self.size:,} bytes at byte {self.offset:,} "
                              f"(more than {MAX_HEADER_BYTES:,})")
-        return super()._proc_member(archive)
+        return super()._proc_member(archive)  # type: ignore[misc]  # CPython's private dispatcher (3.10+)
 
 
 class _Head:
@@ -256,7 +261,7 @@ class _Head:
 class _Counted:
     """The uncompressed tar bytes, counted, with the shard's byte cap enforced as they are read."""
 
-    def __init__(self, source: BinaryIO, cap: int, path: str):
+    def __init__(self, source: _Readable, cap: int, path: str):
         self.source, self.cap, self.path = source, cap, path
         self.bytes = 0
 
@@ -319,8 +324,8 @@ class ShardReader:
         return _Counted(_DECOMPRESS[compression](_Head(source, head)), self.limits.max_shard_bytes, self.path)
 
     def _samples(self, stream: _Counted) -> Iterator[InputSample]:
-        archive = tarfile.open(fileobj=stream, mode="r|", tarinfo=_Header, encoding="utf-8",
-                               errors="surrogateescape")
+        archive = tarfile.open(fileobj=stream, mode="r|", tarinfo=_Header,  # type: ignore[call-overload]
+                               encoding="utf-8", errors="surrogateescape")  # (stream mode takes any reader)
         group: _Group | None = None
         for info in archive:
             archive.members = []  # stream mode keeps every TarInfo otherwise
@@ -344,7 +349,7 @@ class ShardReader:
         if group is not None and group.sample is not None:
             yield self._finish(group.sample)
         end = getattr(archive, "end_error", None)
-        if not isinstance(end, tarfile.EOFHeaderError):
+        if not isinstance(end, tarfile.EOFHeaderError):  # type: ignore[attr-defined]  # in CPython, not in the stubs
             raise ShardReadError(f"{self.path}: tar ends early after {self.stats.members} members "
                                  f"({type(end).__name__}: {end})")
 
@@ -410,6 +415,8 @@ class ShardReader:
 def _read(archive: tarfile.TarFile, info: tarfile.TarInfo, size: int) -> bytes:
     """The first `size` bytes of a member (tarfile raises ReadError if the tar ends inside them)."""
     member = archive.extractfile(info)
+    if member is None:
+        raise tarfile.ReadError(f"member {info.name!r} has no data")
     data = member.read(size)
     if len(data) != size:
         raise tarfile.ReadError(f"unexpected end of data in a member at byte {info.offset_data:,}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TypedDict, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -73,18 +74,40 @@ def register_scorer(store: ShardStore, identity: dict) -> None:
                              f"Score with the same model, or move {store.base} away to rescore everything.")
 
 
-def is_current(score_ledger: Ledger | dict, recaption_ledger: Ledger | dict) -> bool:
+class ScoreSource(TypedDict):
+    """The recaption commit a score ledger scored."""
+    generation: int
+    attempt_id: str
+    parquet: str
+
+
+class ScoreLedger(Ledger, total=False):
+    """A score shard's commit: the protocol's fields, the model, the commit scored, counts, timings."""
+    scorer: dict
+    source: ScoreSource
+    rows_out: int
+    scored: int
+    error: int
+    errors_by_reason: dict[str, int]
+    started_at: float
+    finished_at: float
+    seconds: float
+    rows_per_s: float
+    worker: str
+
+
+def is_current(score_ledger: ScoreLedger, recaption_ledger: Ledger) -> bool:
     """The score ledger scored exactly this recaption commit."""
-    source = score_ledger.get("source") or {}
-    return (source.get("generation") == recaption_ledger["generation"]
-            and source.get("attempt_id") == recaption_ledger["attempt_id"])
+    source = score_ledger.get("source")
+    return (source is not None and source.get("generation") == recaption_ledger.get("generation")
+            and source.get("attempt_id") == recaption_ledger.get("attempt_id"))
 
 
 @dataclass
 class ScoreCoverage:
     """Which of a run's shards have current scores, from which model."""
     scorer: dict | None
-    current: dict[str, dict] = field(default_factory=dict)   # shard -> its score ledger
+    current: dict[str, ScoreLedger] = field(default_factory=dict)   # shard -> its score ledger
     missing: list[str] = field(default_factory=list)          # shards without current scores
 
     @property
@@ -100,13 +123,13 @@ def coverage(run: outputs.FinishedRun) -> ScoreCoverage:
     """Score coverage of the run's committed shards: the listings, then one read per scored shard; scores whose
     files are not as committed count as missing."""
     store = score_store(run.output)
-    listing = store.list()
+    listing = store.listing()
     done = listing.done()
     ledgers = store.read_ledgers({shard: done[shard] for shard in sorted(done.keys() & run.by_shard.keys())})
     result = ScoreCoverage(read_scorer(store))
     for ledger in run.ledgers:
         shard = ledger["shard"]
-        score = ledgers.get(shard)
+        score = cast("ScoreLedger | None", ledgers.get(shard))
         if (score is not None and is_current(score, ledger) and score.get("scorer") == result.scorer
                 and not store.check(score, listing)):
             result.current[shard] = score

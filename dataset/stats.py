@@ -31,7 +31,8 @@ class LengthStats:
         if not self.n:
             return 0.0
         lower, upper = (self.n - 1) // 2, self.n // 2
-        values, seen = [], 0
+        values: list[int] = []
+        seen = 0
         for length in sorted(self.counts):
             seen += self.counts[length]
             while len(values) < 2 and seen > (lower, upper)[len(values)]:

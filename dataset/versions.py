@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from dataset import storage
 from dataset.protocol import ShardStore, dump
@@ -32,7 +33,7 @@ class FingerprintMismatch(ValueError):
     """The output holds another fingerprint's captions and the run did not ask for a new version."""
 
 
-def _parse_job(path: str, data: bytes) -> dict:
+def _parse_job(path: str, data: bytes) -> dict[str, Any]:
     try:
         job = json.loads(data)
         job["versions"][job["current"]]
@@ -87,7 +88,7 @@ class Output:
             version = {"root": "", "caption_config": caption_config, "kinds": dict(kinds), "created_at": time.time(),
                        "complete_at": None}
             if current is None:
-                job = {"current": fingerprint, "versions": {fingerprint: version}}
+                job: dict[str, Any] = {"current": fingerprint, "versions": {fingerprint: version}}
                 if storage.put_if_absent(path, dump(job)):
                     return cls._version(out, job, fingerprint)
                 continue
@@ -99,7 +100,7 @@ class Output:
             if not new_version:
                 raise FingerprintMismatch(_mismatch(out, job, fingerprint))
             version["root"] = f"{VERSIONS_DIR}/{fingerprint}"
-            updated = {**job, "versions": {**job["versions"], fingerprint: version}}
+            updated = {"current": job["current"], "versions": {**job["versions"], fingerprint: version}}
             if storage.put_if_match(path, dump(updated), current.etag) is not None:
                 return cls._version(out, updated, fingerprint)
         raise OSError(f"{path}: still changing after {REGISTER_TRIES} tries; are many jobs starting on {out}?")

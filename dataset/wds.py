@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from dataset import outputs, storage
 from dataset.destinations import open_destination, upload_line
@@ -28,7 +29,7 @@ def iter_samples(path: str, limit: int | None = None) -> Iterator[dict]:
     yielded = 0
     with storage.open_read(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
-            tar.members = []  # stream mode keeps every TarInfo otherwise
+            tar.members = []  # type: ignore[attr-defined]  # stream mode keeps every TarInfo otherwise
             key, _, ext = member.name.partition(".")
             if sample is not None and key != sample["key"]:
                 yield sample
@@ -38,7 +39,8 @@ def iter_samples(path: str, limit: int | None = None) -> Iterator[dict]:
                 return
             if sample is None:
                 sample = {"key": key, "image_ext": None, "image": b""}
-            data = tar.extractfile(member).read() if member.isfile() else b""
+            member_file = tar.extractfile(member) if member.isfile() else None
+            data = member_file.read() if member_file is not None else b""
             if ext in IMAGE_EXTS:
                 sample["image_ext"], sample["image"] = ext, data
             else:
@@ -128,7 +130,7 @@ def export_wds(input_dir: str, dest: str, config: WdsExportConfig | None = None,
                  score_line, f"destination {dest}: {names[shards[0]]} .. {names[shards[-1]]}, {SIZES}, {MANIFEST}",
                  upload_line(dest, len(shards) + 2)]:
         log(line)
-    manifest = {"fingerprint": run.fingerprint, "text": config.text, "mix_ratio": config.mix_ratio,
+    manifest: dict[str, Any] = {"fingerprint": run.fingerprint, "text": config.text, "mix_ratio": config.mix_ratio,
                 "seed": config.seed, "scores": found is not None, "tars": {}}
     if config.dry_run:
         return manifest

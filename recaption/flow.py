@@ -16,7 +16,16 @@ from typing import Iterator
 
 from dataset import storage
 from dataset.images import ImageError, PreparedImage, prepare_image
-from dataset.outputs import PARQUET_DIR, WDS_DIR, WdsWriter, build_row, make_ledger, read_rows, write_parquet
+from dataset.outputs import (
+    PARQUET_DIR,
+    WDS_DIR,
+    RecaptionLedger,
+    WdsWriter,
+    build_row,
+    make_ledger,
+    read_rows,
+    write_parquet,
+)
 from dataset.protocol import ShardStore
 from dataset.reader import InputSample, ShardReader, expected_samples
 from dataset.wds import iter_samples
@@ -99,8 +108,8 @@ class ShardFlow:
 
     def prepare(self, seq: int, sample: InputSample) -> Item:
         """Decode and prompt one sample (thread-safe: runs on the worker's decode threads)."""
-        if sample.image_error:
-            return Item(seq, sample, error=sample.image_error)
+        if sample.image_error or sample.image is None:
+            return Item(seq, sample, error=sample.image_error or "missing: no image member")
         try:
             image = prepare_image(sample.image, self.job.image)
         except ImageError as e:
@@ -115,22 +124,24 @@ class ShardFlow:
     def record(self, item: Item, result: Generation | RequestRejected | None) -> None:
         """The row of one sample: its caption, or the reason it has none (`engine: ...` if the engine refused)."""
         s = item.sample
-        size = {"width": item.image.width, "height": item.image.height} if item.image else {}
+        width, height = (item.image.width, item.image.height) if item.image else (None, None)
         if isinstance(result, Generation):
             self.last_result = time.time()
             text = clean_caption(result.text)
             row = build_row(s, shard=self.task.shard, fingerprint=self.fingerprint, caption=text,
                             finish_reason=result.finish_reason, num_tokens=result.num_tokens,
-                            quality=quality_flags(text, result.token_ids, result.finish_reason), **size)
+                            quality=quality_flags(text, result.token_ids, result.finish_reason), width=width,
+                            height=height)
             self.tokens += result.num_tokens
             if self.wds is not None:
-                self.wds.add(s.key, s.image_ext or "jpg", s.image, row["org_caption"], text,
+                self.wds.add(s.key, s.image_ext or "jpg", s.image or b"", row["org_caption"], text,
                              {k: row[k] for k in WDS_META})
         else:
             if result is not None:
                 self.last_result = time.time()
             error = item.error if result is None else f"engine: {result}"
-            row = build_row(s, shard=self.task.shard, fingerprint=self.fingerprint, error=error, **size)
+            row = build_row(s, shard=self.task.shard, fingerprint=self.fingerprint, error=error, width=width,
+                            height=height)
         self.rows[item.seq] = row
 
     def commit(self, stats: dict) -> Outcome:
@@ -163,7 +174,7 @@ class ShardFlow:
         self.attempt.abandon()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _ledger(self, rows: list[dict]) -> dict:
+    def _ledger(self, rows: list[dict]) -> RecaptionLedger:
         finished = time.time()
         busy_from = self.first_request or self.started
         generating = max((self.last_result or finished) - busy_from, 1e-9)

@@ -67,7 +67,10 @@ def hub_commit(model: str, revision: str | None) -> str:
     from huggingface_hub import HfApi, snapshot_download
 
     try:
-        return HfApi().model_info(model, revision=revision).sha
+        sha = HfApi().model_info(model, revision=revision).sha
+        if sha is None:
+            raise ValueError("the Hub gave no commit")
+        return sha
     except Exception as online:  # offline, or the Hub unreachable: fall back to the cached snapshot
         try:
             return Path(snapshot_download(model, revision=revision, local_files_only=True)).name

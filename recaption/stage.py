@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from typing import cast
 
 from dataset import storage
 from dataset.logs import LogFile, say
@@ -28,7 +29,7 @@ from recaption.worker import FAULT_ENV, CaptionWorker
 from runner.planning import Wanted, plan_shards
 from runner.pool import PoolExhausted, Sizing, size_workers
 from runner.progress import Rates, project
-from runner.records import Plan
+from runner.records import Event, Plan
 from runner.run import RunnerConfig, RunResult, check_storage, logs, run_stage, start_pool
 
 NAME = "recaption"
@@ -67,7 +68,7 @@ def plan_captions(input_spec: str, store: ShardStore, *, retry_errors: bool = Fa
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1) as lister:   # the output is listed while the inputs are
-        listed = lister.submit(store.list)
+        listed = lister.submit(store.listing)
         paths, listings = storage.list_inputs(input_spec)
         names = [shard_name(path) for path in paths]
         clashes = sorted(name for name, count in Counter(names).items() if count > 1)
@@ -197,7 +198,7 @@ def sample_run(cfg: RunConfig, job: CaptionJob, log: LogFile) -> int:
         if not work.tasks:
             say(NAME, "nothing pending")
             return 1 if work.not_ready else 0
-        first = work.tasks[0]
+        first = cast(ShardTask, work.tasks[0])
         output = Output(nowhere, job.fingerprint, nowhere, kinds=recaption_kinds(job.write_wds))
         stage = CaptionStage(cfg, job, output)
         stage.out = log.out   # worker logs too stay out of OUT
@@ -210,7 +211,7 @@ def sample_run(cfg: RunConfig, job: CaptionJob, log: LogFile) -> int:
             startup = time.time() - started
             window = pool.info()[0]["window"]
             pool.submit(replace(first, attempt_id=new_attempt_id(), max_samples=4 * window, stats_path=None))
-            events = []
+            events: list[Event] = []
             while not events:
                 events = pool.wait(5.0)
         except PoolExhausted as e:

@@ -69,11 +69,21 @@ class Feed:
     """One shard inside the worker: its flow, its samples decoded ahead, and the messages back to its call."""
     shard: str
     slots: threading.Semaphore
-    flow: ShardFlow | None = None   # set right after the feed takes its place
+    _flow: ShardFlow | None = None   # set right after the feed takes its place
     ahead: deque[Future] = field(default_factory=deque)
     messages: queue.Queue = field(default_factory=queue.Queue)  # ('row', item, result) | ('read', n) | ('stop', exc)
     in_engine: set[str] = field(default_factory=set)
     state: str = "reading"          # reading -> generating -> writing
+
+    @property
+    def flow(self) -> ShardFlow:
+        if self._flow is None:
+            raise RuntimeError(f"shard {self.shard}: its flow is not set up yet")
+        return self._flow
+
+    @flow.setter
+    def flow(self, flow: ShardFlow) -> None:
+        self._flow = flow
     read_done: bool = False
     dropped: bool = False
 
@@ -356,7 +366,7 @@ class CaptionWorker:
                 return
             item: Item = feed.ahead.popleft().result()
             feed.slots.release()
-            if item.error:
+            if item.error or item.prompt is None or item.image is None:
                 feed.messages.put(("row", item, None))
                 continue
             request_id = f"{feed.shard}:{feed.flow.attempt.attempt_id}:{item.seq}"

@@ -7,6 +7,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -20,7 +21,8 @@ def init_ray(verbose: bool) -> bool:
 
     if ray.is_initialized():
         return bool(_local_ray)
-    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": False}
+    quiet: dict[str, Any] = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING,
+                                                "configure_logging": False}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
         return False

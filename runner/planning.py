@@ -29,7 +29,7 @@ class Wanted:
 def plan_shards(store: ShardStore, listing: StoreListing, wanted: Iterable[Wanted], *, retry_errors: bool = False,
                 has_errors: Callable[[Ledger], bool] = lambda ledger: bool(dict(ledger).get("error")),
                 redo: Collection[str] = ()) -> Plan:
-    """The tasks for `wanted` (in its order) given the stage's `listing` (made by `store.list()`); the committed
+    """The tasks for `wanted` (in its order) given the stage's `listing` (made by `store.listing()`); the committed
     shards in `redo` (e.g. scores of an older recaption generation) are made again as their next generation."""
     plan = Plan([], listing=listing)
     to_read: list[tuple[Wanted, int, bool]] = []   # (wanted, latest generation, only unsure)

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dataset.logs import say, shown_path
 from runner import cluster
@@ -76,7 +77,7 @@ def size_workers(view: ClusterView, config: PoolConfig, tensor_parallel_size: in
 @dataclass
 class Slot:
     index: int
-    actor: object
+    actor: Any                                  # a Ray actor handle (None once killed)
     log: str | None
     ready: bool = False
     alive: bool = True
@@ -111,7 +112,7 @@ class Pool:
         self.options = dict(num_gpus=sizing.gpus, num_cpus=sizing.cpus, max_restarts=0,
                             max_concurrency=config.tasks_per_worker + 2,
                             **({"runtime_env": {"env_vars": dict(env)}} if env else {}))
-        self.actor_class = ray.remote(actor_class)
+        self.actor_class: Any = ray.remote(actor_class)
         self.on_wait: Callable[[str], None] = lambda line: say(self.name, line)
 
     def start(self) -> None:

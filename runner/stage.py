@@ -19,11 +19,16 @@ from runner.records import Plan
 
 
 class Stage(Protocol):
-    name: str                      # console prefix, log and actor names: 'recaption', 'score'
-    out: str                       # the output folder: logs go to OUT/_logs/
-    store: ShardStore              # where the stage's shards commit
-    worker: type                   # the actor class
-    tensor_parallel_size: int      # GPUs one worker's engine spans (the default GPUs per worker)
+    @property
+    def name(self) -> str: ...                   # console prefix, log and actor names: 'recaption', 'score'
+    @property
+    def out(self) -> str: ...                    # the output folder: logs go to OUT/_logs/
+    @property
+    def store(self) -> ShardStore: ...           # where the stage's shards commit
+    @property
+    def worker(self) -> type: ...                # the actor class
+    @property
+    def tensor_parallel_size(self) -> int: ...   # GPUs one worker's engine spans (the default GPUs per worker)
 
     def plan(self) -> Plan: ...
     def describe(self) -> str: ...                         # what runs, for the plan line

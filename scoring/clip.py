@@ -11,6 +11,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -68,6 +69,10 @@ def folder_digest(folder: Path) -> str:
             while chunk := f.read(HASH_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+class Scorer(Protocol):
+    def scores(self, images: list[Image.Image], captions: dict[str, list[str]]) -> dict[str, np.ndarray]: ...
 
 
 def default_device() -> str:

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,7 +30,7 @@ from dataset import outputs, storage
 from dataset.images import ImageError, prepare_image
 from dataset.protocol import Ledger, ShardStore
 from dataset.reader import ReadLimits, ShardReader
-from dataset.scores import SCORE_SCHEMA, is_current, register_scorer, score_store
+from dataset.scores import SCORE_SCHEMA, ScoreLedger, is_current, register_scorer, score_store
 from dataset.versions import Output
 from dataset.wds import iter_samples
 from runner.cluster import process_id
@@ -38,7 +38,7 @@ from runner.planning import Wanted, plan_shards
 from runner.pool import PoolConfig, Sizing
 from runner.records import Outcome, Plan, Task
 from runner.run import RunnerConfig, RunResult, check_storage, logs, run_stage
-from scoring.clip import ClipModelSpec
+from scoring.clip import ClipModelSpec, Scorer
 
 if TYPE_CHECKING:
     from scoring.clip import ClipScorer
@@ -79,12 +79,12 @@ def plan_scores(output: Output, store: ShardStore) -> Plan:
     The listings of both stages, then one read per shard with scores (to compare the recaption generation they
     scored with the shard's latest)."""
     recaptioned = output.store.done()
-    listing = store.list()
+    listing = store.listing()
     scored = listing.done()
     ledgers = store.read_ledgers({shard: scored[shard] for shard in sorted(scored.keys() & recaptioned.keys())})
     stale = [shard for shard, generation in recaptioned.items()
-             if (ledger := ledgers.get(shard)) is not None
-             and (ledger.get("source") or {}).get("generation") != generation]
+             if (ledger := cast("ScoreLedger | None", ledgers.get(shard))) is not None
+             and ("source" not in ledger or ledger["source"]["generation"] != generation)]
     wanted = [Wanted(shard, partial(_task, shard)) for shard in sorted(recaptioned)]
     return plan_shards(store, listing, wanted, redo=stale)
 
@@ -118,8 +118,8 @@ def iter_images(output: Output, ledger: Ledger) -> Iterator[tuple[str, bytes]]:
                          f"{ledger['shard']} was captioned; the images to score are not the ones captioned")
     caps = (facts.get("caption_config") or output.caption_config).get("input") or {}
     limits = ReadLimits(**{name: value for name, value in caps.items() if name in ReadLimits.__dataclass_fields__})
-    for sample in ShardReader(source, limits):
-        yield sample.key, sample.image or b""
+    for read in ShardReader(source, limits):
+        yield read.key, read.image or b""
 
 
 class _Batch:
@@ -137,7 +137,7 @@ class _Batch:
         self.captions["org_clip_score"].append(row["org_caption"] or "")
 
 
-def compute_scores(output: Output, ledger: Ledger, scorer: ClipScorer, batch_size: int,
+def compute_scores(output: Output, ledger: Ledger, scorer: Scorer, batch_size: int,
                    stop: Callable[[], bool] = lambda: False,
                    on_forward: Callable[[float], None] = lambda seconds: None) -> list[dict] | None:
     """SCORE_SCHEMA rows, one per ok row in the shard's row order; None when `stop()` turned true."""
@@ -174,22 +174,22 @@ def compute_scores(output: Output, ledger: Ledger, scorer: ClipScorer, batch_siz
 
 
 def score_ledger(rows: list[dict], *, output: Output, recaption: Ledger, scorer_identity: dict, started_at: float,
-                 worker: str) -> Ledger:
+                 worker: str) -> ScoreLedger:
     """A score ledger before `Attempt.commit` adds shard, attempt_id, generation and files."""
     finished_at = time.time()
     errors = Counter(row["error"].split(":", 1)[0] for row in rows if row["error"])
     seconds = max(finished_at - started_at, 1e-9)
-    return {
+    return cast(ScoreLedger, {
         "fingerprint": output.fingerprint, "scorer": scorer_identity,
         "source": {"generation": recaption["generation"], "attempt_id": recaption["attempt_id"],
                    "parquet": recaption["files"][outputs.PARQUET_DIR]["path"]},
         "rows_out": len(rows), "scored": len(rows) - sum(errors.values()), "error": sum(errors.values()),
         "errors_by_reason": dict(errors), "started_at": started_at, "finished_at": finished_at,
         "seconds": seconds, "rows_per_s": len(rows) / seconds, "worker": worker,
-    }
+    })
 
 
-def score_shard(output: Output, task: ScoreTask, scorer: ClipScorer, scorer_identity: dict, *, batch_size: int = 256,
+def score_shard(output: Output, task: ScoreTask, scorer: Scorer, scorer_identity: dict, *, batch_size: int = 256,
                 worker: str = "", stop: Callable[[], bool] = lambda: False,
                 on_forward: Callable[[float], None] = lambda seconds: None) -> Outcome:
     """Score one committed recaption shard and commit the scores (fenced: PROTOCOL.md A3-A4).
@@ -207,7 +207,7 @@ def score_shard(output: Output, task: ScoreTask, scorer: ClipScorer, scorer_iden
     if recaption.get("fingerprint") != output.fingerprint:
         raise ValueError(f"{output.store.ledger_path(task.shard, recaption['generation'])}: fingerprint "
                          f"{recaption.get('fingerprint')} is not the version's {output.fingerprint}; not scored")
-    current = store.read_ledger(task.shard)
+    current = cast("ScoreLedger | None", store.read_ledger(task.shard))
     if current is not None and is_current(current, recaption):
         return Outcome(task.shard, attempt_id, "committed", current)
     started_at = time.time()

@@ -578,7 +578,7 @@ class DriverPlan:
 
 
 def plan_tasks(store: ShardStore, shards: list[str], retry_errors: bool) -> list[Task]:
-    listing = store.list()
+    listing = store.listing()
     wanted = [Wanted(s, lambda g, r, h, s=s: Task(s, generation=g, retry_errors=r, heal=h)) for s in shards]
     return plan_shards(store, listing, wanted, retry_errors=retry_errors).tasks
 

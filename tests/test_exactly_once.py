@@ -99,7 +99,7 @@ def assert_exactly_once(out: str, infos: list[dict], settled: bool = True) -> No
     if not settled:
         return
     named = {path for shard in store.done() for path in committed.files(out, shard).values()}
-    present = {entry.path for attempts in store.list().data.values() for files in attempts.values()
+    present = {entry.path for attempts in store.listing().data.values() for files in attempts.values()
                for entry in files.values()}
     assert present == named, f"uncommitted files left: {sorted(present - named)}"
 

@@ -30,7 +30,7 @@ def test_a_new_version_becomes_current_only_when_complete(root):
     assert Output.register(root, "b" * 16, {}, new_version=True, kinds=outputs.RECAPTION_KINDS) == new
 
     finished_runs.write_recaption_outputs(root, 3, 5, errors_per_shard=1, fingerprint="b" * 16, image_size=16,
-                                          new_version=True)
+                                          new_version=True, mark_complete=False)
     assert outputs.load_finished(root).fingerprint == "a" * 16
     assert len(outputs.load_finished(root, "b" * 16).ledgers) == 3
     made = new.mark_complete()

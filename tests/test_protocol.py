@@ -319,14 +319,14 @@ def test_case4_a_link_that_nfs_reports_as_existing_after_making_it_is_recognised
 def test_health_from_listings_and_a_broken_mark(store, tmp_path):
     with claimed_attempt(store, "00012") as attempt:
         assert put_files(attempt, tmp_path).commit({}) == "committed"
-    assert store.list().health("00012") == "ok"
+    assert store.listing().health("00012") == "ok"
     storage.delete(attempt.path("wds"))
-    assert store.list().health("00012") == "unsure", "a kind is missing: planning reads the ledger to decide"
+    assert store.listing().health("00012") == "unsure", "a kind is missing: planning reads the ledger to decide"
     passed, problems = verify(store, rows=False)
     assert [p.what for p in problems] == [f"wds/{storage.basename(attempt.path('wds'))} is missing"]
     assert store.mark_broken("00012", 0, problems[0].what) and not store.mark_broken("00012", 0, "again")
-    assert store.list().health("00012") == "broken"
+    assert store.listing().health("00012") == "broken"
     storage.delete(attempt.path("parquet"))
-    listing = store.list()
+    listing = store.listing()
     listing.broken.clear()
     assert listing.health("00012") == "broken", "no file of the latest generation is left"

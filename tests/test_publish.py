@@ -55,7 +55,7 @@ def make_out(out: str) -> int:
             local.write_bytes(storage.read_bytes(path))
             attempt.put(kind, str(local), rows=foreign["files"][kind]["rows"])
         assert attempt.commit({**foreign, "fingerprint": "another-run"}) == "committed"
-    assert store.list().data["00003"]
+    assert store.listing().data["00003"]
     return run["rows"]["ok"] - 2 * (PER_SHARD - ERRORS)
 
 

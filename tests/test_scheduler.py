@@ -48,7 +48,7 @@ def test_a_slow_shard_at_the_end_gets_a_second_attempt_and_commits_once(tmp_path
     assert "shard 00099: running" in printed and "a second attempt started on an idle worker" in printed
     out = str(tmp_path / "out")
     assert sorted(committed.keys(out)) == sorted(k for info in infos for k in info["keys"])
-    files = committed.store(out).list().data
+    files = committed.store(out).listing().data
     assert all(len(attempts) == 1 for attempts in files.values()), "one attempt's files per shard: the loser's are gone"
 
 
@@ -62,4 +62,4 @@ def test_a_shard_past_its_deadline_is_retried_then_reported_failed(tmp_path, tin
     assert "shard 00099 failed after 2 attempts: ran past the deadline" in printed
     out = str(tmp_path / "out")
     assert sorted(committed.store(out).done()) == sorted(info["shard"] for info in infos[:-1])
-    assert "00099" not in committed.store(out).list().data, "the abandoned attempts' files are gone"
+    assert "00099" not in committed.store(out).listing().data, "the abandoned attempts' files are gone"

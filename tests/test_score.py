@@ -188,7 +188,7 @@ def test_attempt_killed_before_commit_then_rerun_gives_every_key_once(tmp_path, 
         timeout=300)
     assert child.returncode == -9, child.stderr[-2000:]
     store = scores.score_store(Output.open(out))
-    leftovers = store.list().data
+    leftovers = store.listing().data
     assert sum(len(attempts) for attempts in leftovers.values()) == 1 and store.done() == {}   # a file, no commit
 
     result = score(config(out, clip_dir, claim_ttl=ttl))  # waits for the dead holder's claim to go stale
@@ -197,7 +197,7 @@ def test_attempt_killed_before_commit_then_rerun_gives_every_key_once(tmp_path, 
     got, want = committed_scores(out), ok_rows(out)
     for shard in want:
         assert sorted(s["key"] for s in got[shard]) == sorted(r["key"] for r in want[shard])
-    files = store.list().data
+    files = store.listing().data
     assert all(len(attempts) == 1 for attempts in files.values())      # the dead attempt's file was cleaned up
     assert not set(leftovers["00000"]) & set(files["00000"])
 
@@ -227,7 +227,7 @@ def test_worker_actor_shape_and_abandon(tmp_path, clip_dir):
     assert worker.process(committed.registered(ScoreTask("00001"), stage_base)).kind == "abandoned"
     assert seen[0] == {"00001": "scoring"} and worker.status()["shards"] == {}
     store = scores.score_store(output)
-    assert "00001" not in store.done() and "00001" not in store.list().data
+    assert "00001" not in store.done() and "00001" not in store.listing().data
 
 
 def test_images_come_from_the_captioned_input_with_its_caps_or_not_at_all(tmp_path):

@@ -37,7 +37,7 @@ SYNTHETIC_CAPTION_CONFIG = {
 def recaption_sample(shard: str, i: int, sample: ShapeSample, rng: random.Random, fingerprint: str) -> InputSample:
     """The input sample the job would have read: key, web caption, DataComp-like metadata."""
     key = f"{shard}{i:04d}"
-    meta = {"uid": hashlib.md5(f"{fingerprint}-{key}".encode()).hexdigest(),
+    meta: dict[str, str | None] = {"uid": hashlib.md5(f"{fingerprint}-{key}".encode()).hexdigest(),
             "url": f"http://127.0.0.1:8000/images/{key}.jpg", "sha256": hashlib.sha256(key.encode()).hexdigest()}
     return InputSample(key=key, image_ext="jpg", image=None, org_caption=web_caption(sample, rng), meta=meta)
 

@@ -10,6 +10,7 @@ import lzma
 import random
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -45,7 +46,7 @@ def write_shard(
     name = f"{shard_id:05d}"
     mtime = time.time()
     bad_keys = list(BAD_KINDS) if bad else []
-    injected: dict[str, str] = {}
+    injected: dict[str, str | None] = {}
     labels: dict[str, str] = {}
     keys: list[str] = []
     rows = []
@@ -102,17 +103,22 @@ def cut_shard(tar: str | Path, keep: int) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 
 
+def _data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    file = tar.extractfile(member)
+    return file.read() if file is not None else b""
+
+
 def compress_shard(tar: str | Path, codec: str) -> None:
     """Compress a tar in place, keeping its name: `gzip`, `bzip2` or `xz` (tarfile would read all three)."""
     path = Path(tar)
-    compress = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}[codec]
+    compress: Callable[[bytes], bytes] = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}[codec]
     path.write_bytes(compress(path.read_bytes()))
 
 
-def rewrite_members(tar_path: str | Path, change) -> None:
+def rewrite_members(tar_path: str | Path, change: Callable[[str, bytes], tuple[str, bytes]]) -> None:
     """Rewrite a shard in place, each member's (name, data) passed through `change(name, data)`."""
     with tarfile.open(tar_path) as tar:  # links and other non-regular members are kept as they are
-        members = [(m, change(m.name, tar.extractfile(m).read()) if m.isfile() else None) for m in tar.getmembers()]
+        members = [(m, change(m.name, _data(tar, m)) if m.isfile() else None) for m in tar.getmembers()]
     with tarfile.open(tar_path, "w") as tar:
         for member, changed in members:
             if changed is None:

@@ -275,7 +275,7 @@ class ShardStore:
         present = {f"{kind}/{storage.basename(entry.path)}": entry
                    for files in listing.data.get(shard, {}).values() for kind, entry in files.items()}
         problems = []
-        for kind, named in ledger["files"].items():
+        for named in ledger["files"].values():
             entry = present.get(named["path"])
             if entry is None:
                 problems.append(f"{named['path']} is missing")

@@ -83,7 +83,7 @@ def read_sample(cfg: FidelityConfig) -> tuple[list[Published], list[dict]]:
     import pyarrow.parquet as pq
 
     files = [pq.ParquetFile(path) for path in cfg.inputs]
-    for path, f in zip(cfg.inputs, files):
+    for path, f in zip(cfg.inputs, files, strict=True):
         missing = [c for c in (cfg.image_column, cfg.caption_column) if c not in f.schema_arrow.names]
         if missing:
             raise ValueError(f"{path}: no column {missing} (columns: {f.schema_arrow.names}); "
@@ -92,7 +92,7 @@ def read_sample(cfg: FidelityConfig) -> tuple[list[Published], list[dict]]:
     chosen = np.random.default_rng(cfg.seed).choice(sum(sizes), size=min(cfg.sample, sum(sizes)), replace=False)
     offsets = np.cumsum([0, *sizes])
     rows, skipped = [], []
-    for k, (path, f) in enumerate(zip(cfg.inputs, files)):
+    for k, (path, f) in enumerate(zip(cfg.inputs, files, strict=True)):
         wanted = sorted(int(i - offsets[k]) for i in chosen if offsets[k] <= i < offsets[k + 1])
         root = Path(cfg.image_root) if cfg.image_root else Path(path).parent
         start = 0
@@ -126,7 +126,7 @@ def published_row(source: str, image, caption, root: Path) -> Published | dict:
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):   # up to the shorter one
         if x != y:
             break
         n += 1
@@ -183,7 +183,7 @@ def margin(best: list[dict], runner_up: list[dict], cfg: FidelityConfig) -> dict
     rng = np.random.default_rng(cfg.seed)
     out = {}
     for metric in ("prefix_tokens", "exact_match", "token_f1"):
-        diff = np.array([a[metric] - b[metric] for a, b in zip(best, runner_up)], dtype=float)
+        diff = np.array([a[metric] - b[metric] for a, b in zip(best, runner_up, strict=True)], dtype=float)
         low, high = bootstrap(diff, cfg.resamples, cfg.confidence, rng)
         out[metric] = {"mean": float(diff.mean()), "low": low, "high": high}
     return out
@@ -227,7 +227,7 @@ def run_fidelity(cfg: FidelityConfig) -> dict:
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    per_image = {label: [compare(ours, row.caption, tokenize) for ours, row in zip(texts, rows)]
+    per_image = {label: [compare(ours, row.caption, tokenize) for ours, row in zip(texts, rows, strict=True)]
                  for label, texts in captions.items()}
     candidates = [{"candidate": label, "template": label.rsplit("@", 1)[0], "backend": label.rsplit("@", 1)[1],
                    **summarize(measures, cfg)} for label, measures in per_image.items()]

@@ -89,7 +89,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         path = unquote(urlsplit(self.path).path)
-        for (route_method, pattern), name in ROUTES.items():
+        for (route_method, pattern), name in ROUTES.items():  # noqa: B007 - the match found is used below
             match = pattern.fullmatch(path)
             if route_method == method and match:
                 break

@@ -75,7 +75,7 @@ class SeaweedS3:
     def __init__(self, anonymous: bool = False) -> None:
         self.anonymous = anonymous
         self.workdir = Path(tempfile.mkdtemp(prefix="seaweedfs-"))
-        self.ports = dict(zip(PORT_NAMES, pick_ports(len(PORT_NAMES))))
+        self.ports = dict(zip(PORT_NAMES, pick_ports(len(PORT_NAMES)), strict=True))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.process: subprocess.Popen | None = None
 

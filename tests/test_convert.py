@@ -217,7 +217,7 @@ def test_transformers_engine_greedy_matches_original(converted, transformers_eng
     assert ours == greedy_reference(template)
     for other in CHAT_TEMPLATES:
         if other != template:
-            assert sum(a == b for a, b in zip(ours, greedy_reference(other))) == 0, other
+            assert sum(a == b for a, b in zip(ours, greedy_reference(other), strict=True)) == 0, other
 
 
 @pytest.fixture(scope="module")

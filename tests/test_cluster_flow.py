@@ -34,7 +34,9 @@ from dataset.synthetic.input_shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent   # this environment's `ray` and `python`
-SHARDS, PER_SHARD = 8, 16           # 128 requests x 0.05 s: about 6 s of simulated engine time
+# 288 requests, one per 0.05 s step: about 14 s of simulated engine time, so `ray job stop` (a CLI that takes
+# seconds to start on a busy machine) lands well before the last shard.
+SHARDS, PER_SHARD = 12, 24
 
 
 def free_port() -> int:
@@ -48,11 +50,19 @@ def ray_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.Completed
                           timeout=timeout)
 
 
-def job_status(address: str, token: str, job_id: str) -> dict:
-    """The Jobs REST API, with the token as Ray's clients send it."""
-    request = urllib.request.Request(f"{address}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"})
+def jobs_api(address: str, token: str, path: str) -> dict:
+    """The Jobs REST API (what `ray job status` / `ray job logs` read), with the token as Ray's clients send it."""
+    request = urllib.request.Request(f"{address}/api/jobs/{path}", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=30) as answer:
         return json.loads(answer.read())
+
+
+def job_status(address: str, token: str, job_id: str) -> str:
+    return jobs_api(address, token, job_id)["status"]
+
+
+def job_logs(address: str, token: str, job_id: str) -> str:
+    return jobs_api(address, token, f"{job_id}/logs")["logs"]
 
 
 def wait_for(condition, what: str, timeout: float, every: float = 0.2):
@@ -72,7 +82,7 @@ def head(tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     base["PATH"] = f"{BIN}{os.pathsep}{base['PATH']}"
     laptop = {**base, "HOME": str(home), "RAY_AUTH_MODE": "token"}
-    made = ray_cli("get-auth-token", "--generate", env=laptop)
+    made = ray_cli("get-auth-token", "--generate", env=laptop)   # the README's first step, in a HOME of its own
     assert made.returncode == 0, made.stderr
     token_file = home / ".ray" / "auth_token"
     token = token_file.read_text().strip()
@@ -96,7 +106,7 @@ def head(tmp_path):
         def jobs_api_up() -> bool:
             assert process.poll() is None, (tmp_path / "head.log").read_text()[-4000:]
             try:
-                job_status(address, token, "none")
+                jobs_api(address, token, "none")
             except urllib.error.HTTPError as e:
                 return e.code == 404   # the API answers (the job does not exist); 401 would mean a bad token
             except OSError:
@@ -107,7 +117,7 @@ def head(tmp_path):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(15)
+            process.wait(3)
         except subprocess.TimeoutExpired:
             pass
         try:
@@ -129,9 +139,13 @@ def test_readme_cluster_flow_with_token_stop_and_resubmit(head, tmp_path, tiny_m
     refused = ray_cli("job", "list", "--address", address, env=no_token)
     assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower(), refused
 
+    readme = (ROOT / "README.md").read_text()   # the commands below are the README's
+    assert "RAY_AUTH_MODE=token ray get-auth-token --generate > /dev/null" in readme
+    assert "ray job submit --address http://HEAD:8265 --runtime-env infra/runtime_env.yaml --working-dir . --" in readme
+
     def submit(job_id: str, *wait: str) -> subprocess.CompletedProcess:
-        return ray_cli("job", "submit", "--address", address, "--submission-id", job_id,
-                       "--runtime-env", "infra/runtime_env.yaml", "--working-dir", ".", *wait, "--",
+        return ray_cli("job", "submit", "--address", address, "--runtime-env", "infra/runtime_env.yaml",
+                       "--working-dir", ".", "--submission-id", job_id, *wait, "--",
                        "python", "pipelines/recaption.py", "--input", str(tmp_path / "shards"), "--output", str(out),
                        "--model", tiny_model, "--num-workers", "1", "--backend", "null", "--gpus-per-worker", "0",
                        "--cpus-per-worker", "1", "--max-num-seqs", "1", "--engine-kwargs", '{"step_seconds": 0.05}',
@@ -141,23 +155,22 @@ def test_readme_cluster_flow_with_token_stop_and_resubmit(head, tmp_path, tiny_m
     assert first.returncode == 0, first.stdout + first.stderr
 
     def one_committed() -> bool:
-        status = job_status(address, token, "recaption-1")["status"]
-        assert status in ("PENDING", "RUNNING"), ray_cli("job", "logs", "--address", address, "recaption-1",
-                                                         env=laptop).stdout[-4000:]
+        status = job_status(address, token, "recaption-1")
+        assert status in ("PENDING", "RUNNING"), job_logs(address, token, "recaption-1")[-4000:]
         return out.exists() and (out / "_job.json").exists() and len(store(str(out)).done()) >= 1
     wait_for(one_committed, "the first committed shard", timeout=300)
 
     stopped = ray_cli("job", "stop", "--address", address, "recaption-1", env=laptop)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert job_status(address, token, "recaption-1")["status"] == "STOPPED"
+    assert job_status(address, token, "recaption-1") == "STOPPED"
     after_stop = len(store(str(out)).done())
     assert 1 <= after_stop < SHARDS, f"{after_stop} of {SHARDS} shards committed when stopped"
-    logs = ray_cli("job", "logs", "--address", address, "recaption-1", env=laptop).stdout
+    logs = job_logs(address, token, "recaption-1")
     assert "stopped by SIGTERM" in logs and "claims released" in logs, logs[-4000:]   # a clean stop, not a kill
 
     second = submit("recaption-2")
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
-    assert job_status(address, token, "recaption-2")["status"] == "SUCCEEDED", second.stdout[-4000:]
+    assert job_status(address, token, "recaption-2") == "SUCCEEDED", second.stdout[-4000:]
     resumed = re.search(rf"{SHARDS} input shards: (\d+) done", second.stdout)
     assert resumed and int(resumed.group(1)) >= after_stop, second.stdout[-4000:]   # the rerun skipped them
     found = keys(str(out))

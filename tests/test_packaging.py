@@ -33,13 +33,6 @@ BUILD_LEFTOVERS = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-
                                          "bench_out", ".pytest_cache")
 
 
-def found_packages() -> list[str]:
-    """The packages the wheel gets: setuptools' discovery with pyproject.toml's own settings."""
-    find = PYPROJECT["tool"]["setuptools"]["packages"]["find"]
-    return sorted(setuptools.find_packages(where=str(ROOT), include=find.get("include", ("*",)),
-                                           exclude=find.get("exclude", ())))
-
-
 def checkout_packages() -> set[str]:
     """Every package in the checkout (a folder of folders with __init__.py from the root down), by dotted name."""
     names = set()
@@ -50,10 +43,15 @@ def checkout_packages() -> set[str]:
     return names
 
 
+PACKAGES = sorted(checkout_packages() - {"benchmarks"})   # what the wheel and the image must hold
+
+
 def test_package_discovery_is_automatic_and_ships_every_package_but_the_benchmarks():
-    assert isinstance(PYPROJECT["tool"]["setuptools"]["packages"], dict), "a hand-kept package list in pyproject.toml"
-    found = found_packages()
-    assert set(found) == checkout_packages() - {"benchmarks"}
+    packages = PYPROJECT["tool"]["setuptools"].get("packages")
+    assert isinstance(packages, dict) and "find" in packages, f"a hand-kept package list in pyproject.toml: {packages}"
+    found = setuptools.find_packages(where=str(ROOT), include=packages["find"].get("include", ("*",)),
+                                     exclude=packages["find"].get("exclude", ()))
+    assert sorted(found) == PACKAGES
     assert {"dataset.synthetic", "train.mllm", "scoring"} <= set(found)
     for target in SCRIPTS.values():   # 'pipelines.demo:main': its module is one of the packages' modules
         module = target.split(":")[0]
@@ -78,7 +76,7 @@ def test_the_image_installs_the_whole_package_non_editable():
     assert "-e" not in install[0].split("&&")[0].split(), "the image must install the package, not an editable link"
     position = [args for keyword, args in instructions if keyword in ("COPY", "RUN")]
     assert position.index(install[0]) > position.index(" ".join(copies[whole])), "install after copying the code"
-    top_level = {name.split(".")[0] for name in found_packages()}
+    top_level = {name.split(".")[0] for name in PACKAGES}
     for pattern in dockerignore_patterns():
         for package in top_level:
             assert not fnmatch(package, pattern.rstrip("/")) and not fnmatch(package, pattern.removeprefix("**/")), \
@@ -142,7 +140,7 @@ def outside_env(venv: Path) -> dict:
 
 def test_the_wheel_holds_every_module_of_the_checkout(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for package in found_packages():
+    for package in PACKAGES:
         folder = ROOT / package.replace(".", "/")
         for module in folder.glob("*.py"):
             assert module.relative_to(ROOT).as_posix() in names, f"{module.relative_to(ROOT)} is not in the wheel"

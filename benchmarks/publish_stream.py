@@ -1,13 +1,14 @@
 """Publishing streams: its Arrow memory peak stays near one row group while the data grows.
 
-For each size, builds a synthetic finished run (no model), then alternates for --rounds rounds: the
+For each number of shards (--shards, the same --per-shard rows each: the data grows, each shard and
+row group stays the size it is), builds a synthetic finished run (no model), then alternates for --rounds rounds: the
 baseline, a plain `pyarrow.parquet.read_table` of the run's Parquet files (all of it in memory), and
 `pipelines/publish.py` to a fresh folder (as users run it, in-process). Reports rows/s of each and the
 ratio, and publish's Arrow memory peak (a fresh proxy of Arrow's default pool per publish, so one
 round's allocations do not hide the next one's) against the whole table's size. The peak should stay
 flat as the rows grow fourfold.
 
-    python -m benchmarks.publish_stream --shards 10 --per-shard 2000 8000
+    python -m benchmarks.publish_stream --shards 5 20 --per-shard 4000
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from benchmarks.record import Record, alternate, parse
 from dataset.synthetic import finished_runs
 from pipelines import publish as publish_cli
 
-SMOKE = {"shards": 2, "per_shard": [50, 100], "rounds": 2}
+SMOKE = {"shards": [1, 2], "per_shard": 50, "rounds": 2}
 
 
 class Side:
@@ -64,16 +65,16 @@ class Side:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", type=int, default=10)
-    p.add_argument("--per-shard", type=int, nargs="+", default=[2000, 8000], help="rows per shard, one run each")
+    p.add_argument("--shards", type=int, nargs="+", default=[5, 20], help="shards of each run (default 5 and 20)")
+    p.add_argument("--per-shard", type=int, default=4000, help="rows per shard (default 4000)")
     p.add_argument("--row-group-mb", type=float, default=4, help="small, so the peak is visibly below the data size")
     p.add_argument("--rounds", type=int, default=3, help="alternating read / publish timings per size (default 3)")
     a = parse(p, argv, SMOKE)
     record = Record("publish_stream", a, argv)
-    for per_shard in a.per_shard:
+    for shards in a.shards:
         with tempfile.TemporaryDirectory() as tmp:
             out = str(Path(tmp, "out"))
-            finished_runs.write_recaption_outputs(out, a.shards, per_shard, errors_per_shard=min(10, per_shard),
+            finished_runs.write_recaption_outputs(out, shards, a.per_shard, errors_per_shard=min(10, a.per_shard),
                                                   image_size=8)
             side = Side(out, Path(tmp), a.row_group_mb)
             side.read()   # the row count publish's rate is taken over; the file cache warm for both sides

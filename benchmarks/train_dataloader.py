@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         for workers in a.workers:
             rates = alternate(a.rounds, {"previous": lambda: rate(PreviousStream, workers),
                                          "current": lambda: rate(ShardStream, workers)})
-            record.compare(f"{workers} loader workers", "images/s per loader core",
+            record.compare(f"--workers {workers}", "images/s per loader core",
                            ("previous (full decode, float output)", rates["previous"]),
                            ("current (draft decode, uint8 output)", rates["current"]))
     record.write()

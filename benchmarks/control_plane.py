@@ -10,26 +10,29 @@ N input shards (one tiny img2dataset tar, hard-linked N times locally, with its 
   versions  done under the first fingerprint, and done again under a second one (--new-version, a
             prompt of its own) in OUT/versions/FP             the no-op rerun, and planning
 
-Outputs are written through the output contract, one shard at a time on a thread pool: the version
-through `Output.register`, each shard as an `Attempt` that puts a Parquet and a WebDataset file
-(hard links of one tiny file) and commits its ledger (`make_ledger`, generation 0, and 1 for the
-shards with errors): what a real run leaves, with real names and real commits.
+Outputs are written through the commit protocol, one shard at a time on a thread pool: the version
+through `Output.register`, each shard as an `Attempt` registered in its claim that puts a Parquet and a
+WebDataset file (hard links of one tiny file) and commits its ledger (`make_ledger`, generation 0, and 1 for
+the shards with errors): what a real run leaves, with real names, claims and commits.
 
-Each measurement runs in a fresh process, so the peak memory (RSS, imports included) is the driver's own:
+Each measurement runs in a fresh process (--rounds times; the medians count), so the peak memory (RSS,
+imports included) is the driver's own:
 - import: `pipelines/recaption.py`'s modules (paid once per rerun, before main());
 - no-op rerun: `pipelines/recaption.py`'s main() in-process with the null backend, up to "nothing pending";
-- planning alone: `recaption.planning.plan()` on the output's current version;
+- planning alone: `recaption.stage.plan_captions()` on the output's version;
 - the storage requests of each, by kind (`dataset.storage.REQUESTS`; 'list' counts listing pages).
 Then a run with pending shards (--throughput-shards, a smaller N) on the null backend with 2 workers on a
 local Ray: shards/s over the span from the first shard's start to the last commit (Ray's start-up aside);
-locally once more with --latency-ms added to each of the driver's storage requests (the workers' are
-left alone), as a driver far from its S3 sees them: what the claims taken on threads are for.
+locally, alternately for --rounds rounds, without (the baseline) and with --latency-ms added to each of
+the driver's storage requests (the workers' are left alone), as a driver far from its S3 sees them:
+what the claims taken on threads are for.
 Last, for each timing and the memory, the least-squares line y = a + b N, the per-shard cost between
 consecutive sizes (the last over the first is about 1 when the growth is linear, (N3 + N2) / (N2 + N1)
 when quadratic), and the projection to 140,000 shards against the goals.
 
     python -m benchmarks.control_plane                            # local: 1k, 10k, 50k
     python -m benchmarks.control_plane --s3 --s3-sizes 1000 10000  # and SeaweedFS S3 at 1k and 10k
+    python -m benchmarks.control_plane --smoke                     # 10 and 20 shards: the code paths
 """
 from __future__ import annotations
 
@@ -39,13 +42,16 @@ import errno
 import io
 import os
 import shutil
+import statistics
 import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+
+from benchmarks.record import Record, alternate, parse
 
 PROJECT_TO = 140_000
 GOALS = {"local": 30.0, "s3": 120.0}   # seconds for a no-op rerun over 140,000 done shards
@@ -58,6 +64,7 @@ BUILD_THREADS = 16
 OTHER_PROMPT = "Describe the image in one sentence."   # the second version's prompt (a second fingerprint)
 STATES = ("half", "done", "errors", "versions")
 NO_OP_STATES = ("done", "versions")
+SMOKE = {"sizes": [10, 20], "throughput_shards": 4, "latency_ms": 5.0, "rounds": 1}
 
 
 @dataclass
@@ -142,21 +149,23 @@ def commit_shards(store, inputs: str, names: list[str], job, staging: Path, temp
     """Commit each shard as a run would: an Attempt puts its files (hard links of one file) and commits a ledger."""
     from dataset import storage
     from dataset.outputs import make_ledger
+    from dataset.protocol import claimed_attempt
 
     files = {"parquet": ".parquet", "wds": ".tar"}   # kind -> the template file it links to
 
     def commit(name: str) -> None:
-        attempt = store.new_attempt(name)
-        for kind, source in files.items():
-            local = staging / f"{name}.{attempt.attempt_id}.{kind}"
-            template.link(source, local)   # put() consumes its local file
-            attempt.put(kind, str(local), rows=SHARD_SAMPLES)
-        now = time.time()
-        ledger = make_ledger(fake_rows(errors), input=storage.join(inputs, f"{name}.tar"), fingerprint=job.fingerprint,
-                             caption_config=job.caption_config(), samples_in=SHARD_SAMPLES, started_at=now - 1,
-                             finished_at=now, worker="benchmark", attempt=1)
-        if not attempt.commit(ledger, generation):
-            raise RuntimeError(f"shard {name}: generation {generation} was committed already")
+        with claimed_attempt(store, name, generation, holder="benchmark") as attempt:
+            for kind, source in files.items():
+                local = staging / f"{name}.{attempt.attempt_id}.{kind}"
+                template.link(source, local)   # put() consumes its local file
+                attempt.put(kind, str(local), rows=SHARD_SAMPLES)
+            now = time.time()
+            ledger = make_ledger(fake_rows(errors), input=storage.join(inputs, f"{name}.tar"),
+                                 fingerprint=job.fingerprint, caption_config=job.caption_config(),
+                                 samples_in=SHARD_SAMPLES, started_at=now - 1, finished_at=now, worker="benchmark",
+                                 attempt=1)
+            if attempt.commit(ledger) != "committed":
+                raise RuntimeError(f"shard {name}: generation {generation} was committed already")
 
     staging.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(BUILD_THREADS) as pool:
@@ -197,8 +206,8 @@ def measure(argv: list[str], state: str, storage_name: str, n: int) -> Measured:
 
     import_s = time.perf_counter() - started
     from dataset import storage
-    from dataset.outputs import Output
-    from recaption.planning import plan
+    from dataset.versions import Output
+    from recaption.stage import plan_captions as plan
 
     job = pinned_job(argv)
     out = argv[argv.index("--output") + 1]
@@ -259,7 +268,7 @@ def throughput(argv: list[str], storage_name: str, n: int, latency_ms: float = 0
     import ray
 
     from dataset import storage
-    from dataset.outputs import Output
+    from dataset.versions import Output
     from pipelines import recaption as recaption_cli
 
     if latency_ms:
@@ -299,10 +308,23 @@ class Site:
     staging: Path  # local folder for the files an Attempt puts (consumed)
 
 
-def measure_size(site: Site, n: int, model: str, template: Template) -> list[Measured]:
-    """N input shards, and their output taken through STATES, measured in each."""
+def median_of(rounds: list[Measured]) -> Measured:
+    """The rounds' median of each timing and of the memory (request counts and pending are the same each round)."""
+    def median(name: str) -> float | None:
+        values = [getattr(m, name) for m in rounds]
+        return None if values[0] is None else statistics.median(values)
+
+    first = rounds[0]
+    return Measured(first.storage, first.n, first.state, median("plan_s"), first.plan_requests, median("peak_rss_mb"),
+                    median("import_s"), median("noop_s"), first.noop_requests, first.pending)
+
+
+def measure_size(site: Site, n: int, model: str, template: Template, rounds: int,
+                 record: Record) -> list[Measured]:
+    """N input shards, and their output taken through STATES, measured in each `rounds` times (the median counts)."""
     from dataset import storage
-    from dataset.outputs import Output
+    from dataset.outputs import RECAPTION_KINDS
+    from dataset.versions import Output
 
     inputs, out = storage.join(site.root, f"n{n}", "shards"), storage.join(site.root, f"n{n}", "out")
     started = time.perf_counter()
@@ -310,7 +332,7 @@ def measure_size(site: Site, n: int, model: str, template: Template) -> list[Mea
     names = shard_names(n)
     first = pinned_job(run_argv(inputs, out, model, "done"))
     second = pinned_job(run_argv(inputs, out, model, "versions"))   # another prompt: another fingerprint
-    store = Output.register(out, first.fingerprint, first.caption_config(), False).store
+    store = Output.register(out, first.fingerprint, first.caption_config(), False, RECAPTION_KINDS).store
     commit_shards(store, inputs, names[::2], first, site.staging, template)
     results = []
     for state in STATES:
@@ -320,20 +342,25 @@ def measure_size(site: Site, n: int, model: str, template: Template) -> list[Mea
             failing = names[:: round(1 / ERROR_SHARE)]
             commit_shards(store, inputs, failing, first, site.staging, template, generation=1, errors=1)
         elif state == "versions":
-            later = Output.register(out, second.fingerprint, second.caption_config(), True).store
+            later = Output.register(out, second.fingerprint, second.caption_config(), True, RECAPTION_KINDS).store
             commit_shards(later, inputs, names, second, site.staging, template)
-        result = in_fresh_process(measure, run_argv(inputs, out, model, state), state, site.name, n)
+        measured = [in_fresh_process(measure, run_argv(inputs, out, model, state), state, site.name, n)
+                    for _ in range(rounds)]
+        result = median_of(measured)
         print(row_line(result), flush=True)
+        record.figures[f"{site.name} {n} {state}"] = {
+            "rounds": [asdict(m) for m in measured], "median": asdict(result)}
         results.append(result)
     print(f"  ({site.name}, {n:,} shards: inputs and outputs built in {time.perf_counter() - started:.0f} s "
           "including the measurements)", flush=True)
     return results
 
 
-def measure_throughput(site: Site, n: int, model: str, template: Template, latency_ms: float = 0.0) -> Throughput:
+def measure_throughput(site: Site, n: int, model: str, template: Template, latency_ms: float = 0.0,
+                       attempt: int = 0) -> Throughput:
     from dataset import storage
 
-    run = f"run{n}-{latency_ms:g}ms"
+    run = f"run{n}-{latency_ms:g}ms-{attempt}"
     inputs, out = storage.join(site.root, run, "shards"), storage.join(site.root, run, "out")
     write_inputs(inputs, n, template)
     return in_fresh_process(throughput, run_argv(inputs, out, model, "run"), site.name, n, latency_ms)
@@ -403,7 +430,7 @@ def goal_text(metric: str, storage_name: str, projected: float) -> str:
     return f"; goal <= {goal:.0f}: {'met' if projected <= goal else 'MISSED'}"
 
 
-def report_fits(results: list[Measured]) -> None:
+def report_fits(results: list[Measured], record: Record) -> None:
     print(f"\nfitted growth over N (least squares y = a + b N), projected to {PROJECT_TO:,} shards:")
     series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
     for m in results:
@@ -420,9 +447,13 @@ def report_fits(results: list[Measured]) -> None:
         print(f"  {storage_name:<6}{state:<9}{metric:<8} a = {f.intercept:7.2f}, b = {unit} per shard, R2 {f.r2:.3f} "
               f"-> {projected:7.1f} at {PROJECT_TO // 1000}k{goal_text(metric, storage_name, projected)}")
         print(f"  {'':<23}{f.verdict(sorted(n for n, _ in points))}")
+        record.figures[f"fit {storage_name} {state} {metric}"] = {
+            "intercept": f.intercept, "per_shard": f.slope, "r2": f.r2, "marginal": f.marginal, "growth": f.growth,
+            "projected_to": PROJECT_TO, "projected": projected,
+            "goal": {"no-op s": GOALS[storage_name], "RSS MB": MEMORY_GOAL_MB}.get(metric)}
 
 
-def report_throughput(t: Throughput) -> None:
+def report_throughput(t: Throughput, record: Record) -> None:
     ok = "met" if t.shards_per_s >= THROUGHPUT_GOAL else "MISSED"
     slower = f" + {t.latency_ms:g} ms per driver request" if t.latency_ms else ""
     print(f"\n{t.storage}{slower}: {t.shards} pending shards x {SHARD_SAMPLES} samples, null backend, 2 workers: "
@@ -431,6 +462,8 @@ def report_throughput(t: Throughput) -> None:
     per_shard = {kind: round(count / t.shards, 2) for kind, count in sorted(t.requests.items())}
     print(f"  driver: peak RSS {t.peak_rss_mb:.0f} MB; its storage requests per shard {per_shard} "
           "(workers' own requests not counted)")
+    record.figures.setdefault(f"throughput {t.storage} +{t.latency_ms:g} ms", []).append(
+        {**asdict(t), "shards_per_s": t.shards_per_s})
 
 
 # ----- S3
@@ -469,8 +502,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-ms", type=float, default=30.0,
                    help="run the local throughput run again with this much added to each of the driver's storage "
                         "requests, as on a distant S3 (0: skip)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measurements of each state, and alternating throughput runs without / with the latency")
     p.add_argument("--workdir", help="build here instead of a temporary folder (kept afterwards)")
-    a = p.parse_args(argv)
+    a = parse(p, argv, SMOKE)
+    record = Record("control_plane", a, argv)
 
     from recaption.tiny import build_tiny_llava
 
@@ -479,22 +515,33 @@ def main(argv: list[str] | None = None) -> None:
         model = str(build_tiny_llava(workdir / "model"))   # the null backend loads only its processor
         template = Template(workdir / "template")
         local = Site("local", str(workdir / "local"), workdir / "staging")
-        print(f"{os.cpu_count()} cores (a machine shared with other jobs); {SHARD_SAMPLES} samples of {IMAGE_SIZE} px "
-              f"per shard; outputs built through Output.register + Attempt.put/commit\n\n{HEADER}", flush=True)
-        results = [m for n in a.sizes for m in measure_size(local, n, model, template)]
+        print(f"{os.cpu_count()} cores; {SHARD_SAMPLES} samples of {IMAGE_SIZE} px per shard; outputs built through "
+              f"Output.register + Attempt.put/commit; median of {a.rounds} fresh processes\n\n{HEADER}", flush=True)
+        results = [m for n in a.sizes for m in measure_size(local, n, model, template, a.rounds, record)]
         runs = []
         if a.throughput_shards:
-            runs += [measure_throughput(local, a.throughput_shards, model, template, latency)
-                     for latency in sorted({0.0, a.latency_ms})]
+            latencies = sorted({0.0, a.latency_ms})
+            attempts = iter(range(10**6))
+            sides = {latency: lambda latency=latency: measure_throughput(local, a.throughput_shards, model, template,
+                                                                         latency, next(attempts))
+                     for latency in latencies}
+            measured = alternate(a.rounds, sides)
+            runs += [t for latency in latencies for t in measured[latency]]
+            if a.latency_ms:
+                record.compare(f"local null-backend throughput, {a.throughput_shards} shards, 2 workers", "shards/s",
+                               ("no added latency", [t.shards_per_s for t in measured[0.0]]),
+                               (f"+{a.latency_ms:g} ms per driver request",
+                                [t.shards_per_s for t in measured[a.latency_ms]]))
         if a.s3:
             with seaweed_bucket() as bucket:
                 s3 = Site("s3", f"{bucket}/bench", workdir / "staging")
-                results += [m for n in a.s3_sizes for m in measure_size(s3, n, model, template)]
+                results += [m for n in a.s3_sizes for m in measure_size(s3, n, model, template, a.rounds, record)]
                 if a.throughput_shards:
                     runs.append(measure_throughput(s3, a.throughput_shards, model, template))
-        report_fits(results)
+        report_fits(results, record)
         for run in runs:
-            report_throughput(run)
+            report_throughput(run, record)
+        record.write()
     finally:
         if not a.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,24 +1,27 @@
-"""Data plane per CPU core: our worker's read -> prepare -> write path against the bare limit and Ray Data.
+"""Data plane per CPU core: the recaption job's read -> prepare -> write path against the bare limit and Ray Data.
 
-No model runs: a fixed caption (the null engine's) stands in, so what is measured is reading
-WebDataset shards, decoding + RGB + downscaling every image with `prepare_image`, and writing one
-Parquet row per sample.
+No model runs: the null engine's fixed caption stands in, so what is measured is reading WebDataset
+shards, decoding + RGB + downscaling every image with `prepare_image`, and writing one Parquet row per
+sample.
 
 - bare:     `prepare_image` over every image, already in memory, in one loop: the limit for this work.
-- ours:     the caption worker in this process with the null engine (its reader, decode pool of one
-            thread, engine thread, flow and commit), fed two shards at a time as the pool feeds it.
+- ours:     the job as users run it (`pipelines/recaption.py`'s main, `--backend null`, one worker of one
+            CPU) into a fresh output: the driver, its claims and commits, the worker's reader, decode
+            thread, engine thread and writer. Images/s over the span from the first shard started to
+            the last committed (the ledgers' times): the worker's start-up (its processor) is excluded,
+            as engine start-up is elsewhere.
 - Ray Data: `ray.data.read_webdataset(paths, decoder=None)` -> `map_batches` (the same
             `prepare_image` on every image, the same fixed caption and metadata columns) ->
-            `write_parquet`.
+            `write_parquet`, images/s over the call.
 
 Per core: the script pins itself to one core (os.sched_setaffinity) before it starts any thread or
 process, and starts Ray with num_cpus=1, so Ray's GCS, raylet and workers inherit the same single
-core. Every side then gets exactly one core, overheads included, and images/s over wall time is
-images/s per core. The CPU seconds of the whole process tree (this process and all its
-descendants, Ray's processes included) are printed too: they check that nothing ran beside the
-pinned core (CPU s <= wall s), and images per CPU second is the steadier figure when other programs
-share the core. Ray stays up for every side, so all pay its idle cost. Each side runs once untimed
-on one shard (imports, worker start), then --repeats times alternately; the best run of each counts.
+core; the job attaches to that Ray. Every side then gets exactly one core, overheads included, and
+images/s is images/s per core. The CPU seconds of the whole process tree (this process and all its
+descendants, Ray's processes included) over each call are printed too: they check that nothing ran
+beside the pinned core (CPU s <= wall s). Ray stays up for every side, so all pay its idle cost. Each
+side runs once untimed on one shard (imports, first start), then alternately for --rounds rounds
+(bare first); the medians and the per-round ratios count.
 
     python -m benchmarks.data_plane                      # 8 shards x 200 JPEGs of 512 px, max side 336
     python -m benchmarks.data_plane --max-side 1024      # the job's default: no downscaling of 512 px
@@ -26,44 +29,29 @@ on one shard (imports, worker start), then --repeats times alternately; the best
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks.record import Record, alternate, parse
 from dataset.images import ImageConfig, ImageError, prepare_image
+from dataset.outputs import load_finished
+from dataset.reader import ShardReader
 from dataset.synthetic.input_shards import write_shards
-from recaption.contract_adapter import ShardReader, shard_name
-from recaption.engines import EngineConfig, NullEngine
-from recaption.flow import ShardTask
-from recaption.job import CaptionJob
-from recaption.pool import PoolConfig
+from pipelines import recaption as recaption_cli
+from recaption.engines import NullEngine
 from recaption.tiny import build_tiny_llava
-from recaption.worker import CaptionWorker
 
-
-@dataclass
-class Timing:
-    rows: int
-    wall_s: float
-    cpu_s: float
-
-    @property
-    def images_per_s(self) -> float:
-        return self.rows / self.wall_s
-
-    @property
-    def images_per_cpu_s(self) -> float:
-        return self.rows / self.cpu_s
+SMOKE = {"shards": 2, "per_shard": 8, "image_size": 64, "max_side": 32, "rounds": 1}
 
 
 def tree_cpu_seconds() -> dict[int, float]:
@@ -79,36 +67,62 @@ def tree_cpu_seconds() -> dict[int, float]:
     return seconds
 
 
-def timed(fn: Callable[[], int]) -> Timing:
-    """Run fn() -> rows written; wall time and the process tree's CPU time it took."""
-    before = tree_cpu_seconds()
-    start = time.perf_counter()
-    rows = fn()
-    wall = time.perf_counter() - start
-    after = tree_cpu_seconds()
-    return Timing(rows, wall, sum(t - before.get(pid, 0.0) for pid, t in after.items()))
+class Sides:
+    """The three sides over the same shards; each call makes a fresh output and returns images/s."""
 
+    def __init__(self, root: Path, paths: list[str], model: str, image_config: ImageConfig):
+        self.root, self.paths, self.image_config = root, paths, image_config
+        self.images = [s.image for path in paths for s in ShardReader(path) if s.image]
+        self.job_argv = ["--model", model, "--backend", "null", "--max-side", str(image_config.max_side), "--no-wds",
+                         "--num-workers", "1", "--gpus-per-worker", "0", "--cpus-per-worker", "1",
+                         "--progress-every", "3600"]
+        self.calls = 0
+        self.cpu: dict[str, list[float]] = {}   # side -> tree CPU seconds / wall seconds, per timed call
 
-def bare(images: list[bytes], image_config: ImageConfig) -> Callable[[], int]:
-    def run() -> int:
+    def fresh(self) -> str:
+        self.calls += 1
+        out = self.root / f"out-{self.calls}"
+        shutil.rmtree(out, ignore_errors=True)
+        return str(out)
+
+    def timed(self, side: str, run, paths: list[str]) -> float:
+        before = tree_cpu_seconds()
+        start = time.perf_counter()
+        rows, seconds = run(paths)
+        wall = time.perf_counter() - start
+        after = tree_cpu_seconds()
+        cpu = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+        self.cpu.setdefault(side, []).append(cpu / wall)
+        return rows / seconds
+
+    def bare(self, paths: list[str]) -> tuple[int, float]:
+        images = self.images if len(paths) == len(self.paths) else self.images[:len(self.images) // len(self.paths)]
+        start = time.perf_counter()
         for data in images:
-            prepare_image(data, image_config)
-        return len(images)
-    return run
+            prepare_image(data, self.image_config)
+        return len(images), time.perf_counter() - start
 
+    def ours(self, paths: list[str]) -> tuple[int, float]:
+        out = self.fresh()
+        inputs = paths[0] if len(paths) == 1 else str(Path(paths[0]).parent)   # one tar, or the shards' folder
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = recaption_cli.main(["--input", inputs, "--output", out, *self.job_argv])
+        if code != 0:
+            raise SystemExit(f"the recaption job failed (exit {code}); see {out}/_logs")
+        ledgers = load_finished(out).ledgers
+        span = max(ledger["finished_at"] for ledger in ledgers) - min(ledger["started_at"] for ledger in ledgers)
+        return sum(ledger["rows_out"] for ledger in ledgers), span
 
-def ours(paths: list[str], out: str, job: CaptionJob) -> Callable[[], int]:
-    """The worker is started (processor, model hash) before the timing: that is engine start-up, not data plane."""
-    worker = CaptionWorker(job, out, out, on_engine_death=lambda: None)
+    def ray_data(self, paths: list[str]) -> tuple[int, float]:
+        import ray
 
-    def run() -> int:
-        try:
-            with ThreadPoolExecutor(PoolConfig.tasks_per_worker) as pool:
-                tasks = [ShardTask(shard_name(p), p, 1, None) for p in paths]
-                return sum(o["ledger"]["rows_out"] for o in pool.map(worker.caption, tasks))
-        finally:
-            worker.close()
-    return run
+        out = self.fresh()
+        start = time.perf_counter()
+        (ray.data.read_webdataset(paths, decoder=None)
+         .map_batches(caption_batch, batch_format="pyarrow", fn_kwargs={"image_config": self.image_config})
+         .write_parquet(out))
+        seconds = time.perf_counter() - start
+        return sum(pq.read_metadata(f).num_rows for f in Path(out).glob("*.parquet")), seconds
 
 
 def caption_batch(batch: pa.Table, image_config: ImageConfig) -> pa.Table:
@@ -130,18 +144,7 @@ def caption_batch(batch: pa.Table, image_config: ImageConfig) -> pa.Table:
     return pa.table(columns)
 
 
-def ray_data(paths: list[str], out: str, image_config: ImageConfig) -> Callable[[], int]:
-    import ray
-
-    def run() -> int:
-        (ray.data.read_webdataset(paths, decoder=None)
-         .map_batches(caption_batch, batch_format="pyarrow", fn_kwargs={"image_config": image_config})
-         .write_parquet(out))
-        return sum(pq.read_metadata(f).num_rows for f in Path(out).glob("*.parquet"))
-    return run
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=int, default=8, help="input shards (default 8)")
     p.add_argument("--per-shard", type=int, default=200, help="images per shard (default 200)")
@@ -149,10 +152,10 @@ def main() -> None:
                    help="side of the synthetic JPEGs; img2dataset stores DataComp at <= 512 px (default 512)")
     p.add_argument("--max-side", type=int, default=336,
                    help="downscale to this longest side, as for a 336 px vision tower (default 336)")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="timed runs of each side, alternating; the best counts (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="timed runs of each side, alternating (default 3)")
     p.add_argument("--core", type=int, help="the core to pin to (default: the last one this process may use)")
-    a = p.parse_args()
+    a = parse(p, argv, SMOKE)
+    record = Record("data_plane", a, argv)
 
     core = a.core if a.core is not None else max(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})
@@ -163,45 +166,31 @@ def main() -> None:
         write_shards(root / "shards", a.shards, a.per_shard, image_size=a.image_size)
         paths = sorted(str(path) for path in (root / "shards").glob("*.tar"))
         model = str(build_tiny_llava(root / "model"))
-        job = CaptionJob(EngineConfig(model=model, backend="null"), image=ImageConfig(max_side=a.max_side),
-                         write_wds=False)
-        images = [s.image for path in paths for s in ShardReader(path) if s.image]
+        sides = Sides(root, paths, model, ImageConfig(max_side=a.max_side))
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="warning")
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
 
-        sides = {
-            "bare prepare_image loop (the limit)": lambda out, shard_paths: bare(
-                images if len(shard_paths) == len(paths) else images[:a.per_shard], job.image),
-            "ours (caption worker, null engine)": lambda out, shard_paths: ours(shard_paths, out, job),
-            "Ray Data (read_webdataset -> map_batches -> write_parquet)":
-                lambda out, shard_paths: ray_data(shard_paths, out, job.image),
-        }
-        results: dict[str, list[Timing]] = {name: [] for name in sides}
-        for run in range(a.repeats + 1):
-            for index, (name, side) in enumerate(sides.items()):
-                out = str(root / f"out-{index}-{run}")
-                if run == 0:
-                    side(out, paths[:1])()  # warm-up, not timed
-                else:
-                    results[name].append(timed(side(out, paths)))
-                shutil.rmtree(out, ignore_errors=True)
+        runs = {"bare": sides.bare, "ours": sides.ours, "Ray Data": sides.ray_data}
+        for run in runs.values():
+            run(paths[:1])   # warm-up, not timed
+        rates = alternate(a.rounds, {name: lambda name=name, run=run: sides.timed(name, run, paths)
+                                     for name, run in runs.items()})
         ray.shutdown()
 
-    best = {name: max(runs, key=lambda t: t.images_per_s) for name, runs in results.items()}
     print(f"\n{a.shards} shards x {a.per_shard} JPEGs of {a.image_size} px, max side {a.max_side}, "
-          f"pinned to core {core}, best of {a.repeats}")
-    print(f"{'path':<60}{'rows':>7}{'wall s':>8}{'images/s/core':>15}{'tree CPU s':>12}{'images/CPU-s':>14}")
-    for name, t in best.items():
-        print(f"{name:<60}{t.rows:>7}{t.wall_s:>8.2f}{t.images_per_s:>15.1f}{t.cpu_s:>12.2f}"
-              f"{t.images_per_cpu_s:>14.1f}")
-    for name, runs in results.items():
-        print(f"  all runs, {name.split(' (')[0]}: " + " ".join(f"{t.images_per_s:.1f}" for t in runs) + " images/s")
-    bare_t, ours_t, ray_t = best.values()
-    print(f"ours / bare limit images/s per core: {ours_t.images_per_s / bare_t.images_per_s:.2f}  (goal >= 0.9); "
-          f"ours / Ray Data: {ours_t.images_per_s / ray_t.images_per_s:.2f}  (goal > 1); "
-          f"per CPU second: {ours_t.images_per_cpu_s / ray_t.images_per_cpu_s:.2f}")
+          f"pinned to core {core}, {a.rounds} alternating rounds")
+    record.figures.update({"images": len(sides.images), "core": core,
+                           **{f"{name}: tree CPU s / wall s": [round(x, 3) for x in cpu]
+                              for name, cpu in sides.cpu.items()}})
+    for name, cpu in sides.cpu.items():
+        print(f"  {name}: tree CPU s / wall s per round " + " ".join(f"{x:.2f}" for x in cpu))
+    record.compare("ours vs the bare limit", "images/s per core", ("bare prepare_image loop", rates["bare"]),
+                   ("ours (the job, null engine)", rates["ours"]))
+    record.compare("ours vs Ray Data", "images/s per core", ("Ray Data", rates["Ray Data"]),
+                   ("ours (the job, null engine)", rates["ours"]))
+    record.write()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ requests than it runs at once), and the percentage of the compute ceiling: the d
 image (vision tower, projector, prefill of image + prompt tokens, decoding the generated tokens;
 2 FLOPs per multiply-add, causal attention halved) against the GPU's peak (--peak-tflops; 989 is
 H100/H200 dense bf16). Random weights rarely stop early, so captions run to --max-tokens.
+The job runs --rounds times, each into a fresh output; the ceiling of each round (from its own tokens
+per image) is the baseline its throughput is set against.
 
     python -m benchmarks.gpu_recaption              # on a GPU machine
     python -m benchmarks.gpu_recaption --tiny       # the same path on the CPU with a tiny config
+    python -m benchmarks.gpu_recaption --smoke      # --tiny on the null backend: the code path, no engine
 """
 from __future__ import annotations
 
@@ -24,12 +27,13 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.record import Record, parse
+from dataset.outputs import load_finished
 from dataset.synthetic.input_shards import write_shards
-from pipelines.recaption import config_from_args, parse_args
-from recaption import driver
+from pipelines import recaption as recaption_cli
 from recaption.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, build_processor
 
 
@@ -56,6 +60,7 @@ RECAP = Shapes(image_size=336, patch=14, vision_hidden=1024, vision_ff=4096, vis
 TINY = Shapes(image_size=56, patch=14, vision_hidden=32, vision_ff=64, vision_layers=2, vision_heads=2,
               hidden=128, ff=256, layers=2, heads=2, kv_heads=1, vocab=4096, positions=2048)
 VISION_FEATURE_LAYER = -2   # the second-to-last layer's patch features; the last layer never runs
+SMOKE = {"tiny": True, "backend": "null", "shards": 1, "per_shard": 4, "max_tokens": 4, "rounds": 1}
 
 
 def byte_level_tokenizer(vocab_size: int):
@@ -131,16 +136,46 @@ def flops_per_image(s: Shapes, prompt_tokens: int, new_tokens: float) -> float:
     return vision + projector + prefill + decode
 
 
-def main() -> None:
+@dataclass
+class Round:
+    images: int
+    tokens: int
+    span_s: float
+    startup_s: float
+    busy: float
+    full: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.span_s
+
+
+def run_job(argv: list[str]) -> Round:
+    """The users' command in-process; its rates over the span from its ledgers (engine start-up excluded)."""
+    out = argv[argv.index("--output") + 1]
+    started = time.time()
+    if recaption_cli.main(argv) != 0:
+        raise SystemExit("the recaption job failed; see its output above")
+    finished = load_finished(out)
+    first = min(ledger["started_at"] for ledger in finished.ledgers)
+    span = max(ledger["finished_at"] for ledger in finished.ledgers) - first
+    return Round(sum(ledger["ok"] for ledger in finished.ledgers), sum(ledger["tokens"] for ledger in finished.ledgers),
+                 span, first - started, finished.run["engine_busy_share"], finished.run["engine_queued_share"])
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a tiny config on the CPU: checks the path, not the GPU")
+    p.add_argument("--backend", choices=["vllm", "null"], default="vllm", help="the job's engine (default vllm)")
     p.add_argument("--shards", type=int, help="input shards (default 8; --tiny 2)")
     p.add_argument("--per-shard", type=int, help="images per shard (default 1024; --tiny 16)")
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per caption (Recap-DataComp-1B: 128)")
+    p.add_argument("--rounds", type=int, default=2, help="job runs, each into a fresh output (default 2)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bf16 peak (default 989: H100/H200 SXM)")
     p.add_argument("--engine-kwargs", default="{}", help="more vLLM options as JSON (load_format is set here)")
-    a = p.parse_args()
+    a = parse(p, argv, SMOKE)
+    record = Record("gpu_recaption", a, argv)
     shapes = TINY if a.tiny else RECAP
     shards, per_shard = a.shards or (2 if a.tiny else 8), a.per_shard or (16 if a.tiny else 1024)
 
@@ -149,29 +184,39 @@ def main() -> None:
         model = build_model_folder(root / "model", shapes)
         write_shards(root / "shards", shards, per_shard, image_size=512)
         engine_kwargs = {**json.loads(a.engine_kwargs), "load_format": "dummy"}
-        cfg = config_from_args(parse_args([
-            "--input", str(root / "shards"), "--output", str(root / "out"), "--model", str(model),
-            "--max-tokens", str(a.max_tokens), "--num-workers", "1", "--engine-kwargs", json.dumps(engine_kwargs),
-            "--progress-every", "30"]))
-        started = time.time()
-        if driver.run(cfg) != 0:
-            raise SystemExit("the recaption job failed; see its output above")
-        ledgers = [json.loads(f.read_text()) for f in (root / "out" / "_ledger").glob("*.json")]
-        run = json.loads((root / "out" / "_run.json").read_text())
-        prompt_tokens = replace(cfg.job, engine=cfg.job.engine.pinned()).request_tokens()
+        job_argv = ["--input", str(root / "shards"), "--model", str(model), "--backend", a.backend,
+                    "--max-tokens", str(a.max_tokens), "--num-workers", "1",
+                    "--engine-kwargs", json.dumps(engine_kwargs), "--progress-every", "30"]
+        job = recaption_cli.config_from_args(recaption_cli.parse_args(job_argv + ["--output", tmp])).job.pinned()
+        prompt_tokens = job.request_tokens()
+        rounds = [run_job(job_argv + ["--output", str(root / f"out-{i}")]) for i in range(a.rounds)]
+        import ray
 
-    first = min(ledger["started_at"] for ledger in ledgers)
-    span = max(ledger["finished_at"] for ledger in ledgers) - first
-    images, tokens = sum(ledger["ok"] for ledger in ledgers), sum(ledger["tokens"] for ledger in ledgers)
-    per_image = flops_per_image(shapes, prompt_tokens, tokens / max(images, 1))
-    ceiling = a.peak_tflops * 1e12 / per_image
+        ray.shutdown()
+
+    ceilings = [a.peak_tflops * 1e12 / flops_per_image(shapes, prompt_tokens, r.tokens / max(r.images, 1))
+                for r in rounds]
+    last = rounds[-1]
+    per_image = flops_per_image(shapes, prompt_tokens, last.tokens / max(last.images, 1))
     name = "tiny config (CPU check)" if a.tiny else "LLaVA-1.5 + LLaMA-3-8B + CLIP ViT-L/14-336 (Recap captioner)"
-    print(f"\n{name}, random weights; {images} images of 512 px, {prompt_tokens} prompt tokens (image included), "
-          f"{tokens / max(images, 1):.0f} new tokens per image; engine start-up {first - started:.0f} s (excluded)")
-    print(f"job: {images / span:.1f} images/s, {tokens / span:.0f} tokens/s over {span:.1f} s; engine busy "
-          f"{run['engine_busy_share']:.0%}, full {run['engine_queued_share']:.0%}")
+    print(f"\n{name}, random weights, {a.backend} backend; {last.images} images of 512 px, {prompt_tokens} prompt "
+          f"tokens (image included), {last.tokens / max(last.images, 1):.0f} new tokens per image")
+    for r in rounds:
+        print(f"job: {r.images_per_s:.1f} images/s, {r.tokens / r.span_s:.0f} tokens/s over {r.span_s:.1f} s; engine "
+              f"start-up {r.startup_s:.0f} s (excluded); engine busy {r.busy:.0%}, full {r.full:.0%}")
     print(f"compute: {per_image / 1e12:.2f} TFLOP per image; ceiling at {a.peak_tflops:g} TFLOPS = "
-          f"{ceiling:.1f} images/s; the job reaches {images / span / ceiling:.1%} of it")
+          f"{ceilings[-1]:.1f} images/s")
+    record.figures.update({
+        "model": name, "backend": a.backend, "images per round": last.images, "prompt tokens": prompt_tokens,
+        "new tokens per image": round(last.tokens / max(last.images, 1), 2),
+        "TFLOP per image": round(per_image / 1e12, 4), "peak TFLOPS": a.peak_tflops,
+        "tokens/s": [round(r.tokens / r.span_s, 1) for r in rounds],
+        "engine start-up s": [round(r.startup_s, 1) for r in rounds],
+        "engine busy share": [round(r.busy, 4) for r in rounds],
+        "engine full share": [round(r.full, 4) for r in rounds]})
+    record.compare("the job vs the compute ceiling", "images/s", ("FLOP ceiling at the peak", ceilings),
+                   ("job", [r.images_per_s for r in rounds]))
+    record.write()
 
 
 if __name__ == "__main__":

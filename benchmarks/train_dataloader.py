@@ -13,14 +13,14 @@ views and the recaption included). Two image paths:
   SimCLR jitter with hue, uint8 batches normalised on the device.
 
 `--workers 0` decodes in the main process, so it also measures one core. The two paths alternate
-for `--rounds` rounds and the median counts, so a busy machine slows both alike. The goal is >= 2x.
+for `--rounds` rounds (previous first) and the median counts, so a busy machine slows both alike.
+The goal is >= 2x.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import random
-import statistics
 import tempfile
 import time
 
@@ -29,9 +29,12 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from benchmarks.record import Record, alternate, parse
 from dataset.outputs import WdsSample, write_wds
 from train.data import IMAGENET_MEAN, IMAGENET_STD, ShardStream, crop_box, expand_urls, make_loader, read_captions
 from train.tokenizer import CaptionTokenizer
+
+SMOKE = {"image_size": 32, "source_size": 64, "batch_size": 4, "batches": 2, "workers": [0], "rounds": 2}
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> bytes:
@@ -94,24 +97,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=8, help="timed batches per setting")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rounds", type=int, default=3, help="alternating measurements per path (median reported)")
-    a = p.parse_args(argv)
+    a = parse(p, argv, SMOKE)
+    record = Record("train_dataloader", a, argv)
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(tmp, shards=2, per_shard=a.batch_size * (a.batches + 2) // 2 + 1, size=a.source_size)
         urls = expand_urls(tmp)
         tokenizer = CaptionTokenizer.train(read_captions(urls, 200))
         print(f"{a.source_size}px JPEGs -> {a.image_size}px crops, batch {a.batch_size}, {a.batches} timed batches, "
               f"{torch.get_num_threads()} torch threads")
+        record.figures["torch threads"] = torch.get_num_threads()
+
+        def rate(cls: type[ShardStream], workers: int) -> float:
+            stream = cls(urls, tokenizer, image_size=a.image_size, batch_size=a.batch_size,
+                         context_length=80, caption_length=128, seed=0, shuffle_buffer=100)
+            return images_per_second(stream, workers, a.batches) / max(workers, 1)
+
         for workers in a.workers:
-            rates: dict[str, list[float]] = {"previous": [], "current": []}
-            for _ in range(a.rounds):
-                for name, cls in (("previous", PreviousStream), ("current", ShardStream)):
-                    stream = cls(urls, tokenizer, image_size=a.image_size, batch_size=a.batch_size,
-                                 context_length=80, caption_length=128, seed=0, shuffle_buffer=100)
-                    rates[name].append(images_per_second(stream, workers, a.batches) / max(workers, 1))
-            median = {name: statistics.median(r) for name, r in rates.items()}
-            for name, rate in median.items():
-                print(f"  workers {workers}  {name:<8s} {rate:8.1f} images/s per loader core")
-            print(f"  workers {workers}  speed-up {median['current'] / median['previous']:.2f}x")
+            rates = alternate(a.rounds, {"previous": lambda: rate(PreviousStream, workers),
+                                         "current": lambda: rate(ShardStream, workers)})
+            record.compare(f"--workers {workers}", "images/s per loader core",
+                           ("previous (full decode, float output)", rates["previous"]),
+                           ("current (draft decode, uint8 output)", rates["current"]))
+    record.write()
 
 
 if __name__ == "__main__":

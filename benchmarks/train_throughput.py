@@ -1,7 +1,7 @@
 """Training-step throughput (images/s): our model next to open_clip's of the same size, and where
 the full CLIPS step's time goes.
 
-  python -m benchmarks.train_throughput --model Ti/16 --image-size 160 --batch-size 32
+  python -m benchmarks.train_throughput --model Ti/16 --image-size 160 --batch-size 32 --rounds 5
 
 Same work on both sides: open_clip's CLIP is built from our export config (the same towers), one
 text view, softmax contrastive loss, AdamW; the steps alternate round by round in one process,
@@ -21,12 +21,15 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 
+from benchmarks.record import Record, alternate, parse
 from train.data import normalize_images
 from train.export import open_clip_config
 from train.loop import forward_loss
 from train.losses import softmax_contrastive
 from train.model import CLIPS, build_model, model_config
 from train.tokenizer import CaptionTokenizer
+
+SMOKE = {"image_size": 32, "batch_size": 2, "depth": 1, "rounds": 2}
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
@@ -90,14 +93,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="Ti/16")
     p.add_argument("--image-size", type=int, default=160)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--depth", type=int, help="blocks of every tower (default: the model size's own)")
     p.add_argument("--rounds", type=int, default=5, help="timed steps per side (after one warm-up step)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    a = p.parse_args(argv)
+    a = parse(p, argv, SMOKE)
+    record = Record("train_throughput", a, argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = model_config(a.model)
+    cfg = model_config(a.model, depth=a.depth)
     b, t = a.batch_size, cfg.context_length
     batch = {"images": torch.randint(0, 256, (b, 3, a.image_size, a.image_size), dtype=torch.uint8),
              "texts": torch.randint(1000, 30000, (2 * b, t)),
@@ -121,32 +126,35 @@ def main(argv: list[str] | None = None) -> None:
         return clip_loss(image, text, theirs.logit_scale.exp())
 
     steps = {
-        "ours (towers + contrastive)": optimizer_step(tower_params, ours_contrastive),
         "open_clip (towers + contrastive)": optimizer_step(list(theirs.parameters()), theirs_contrastive),
+        "ours (towers + contrastive)": optimizer_step(tower_params, ours_contrastive),
         "ours full CLIPS step": optimizer_step(list(ours.parameters()), lambda: forward_loss(ours, batch, cfg)[0]),
         **cost_split(ours, batch),
     }
-    times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
         timed(step, device)  # warm-up
-    for _ in range(a.rounds):
-        for name, step in steps.items():
-            times[name].append(timed(step, device))
+    times = alternate(a.rounds, {name: lambda step=step: timed(step, device) for name, step in steps.items()})
 
     cuda = device.type == "cuda"
     where = f"{torch.cuda.get_device_name()} bf16" if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{a.model} @ {a.image_size}px, batch {b}, {where}, median of {a.rounds} steps")
+    record.figures["device"] = where
+    rates = {name: [b / t for t in ts] for name, ts in times.items()}
+    record.compare("towers + contrastive, same work", "images/s",
+                   ("open_clip", rates["open_clip (towers + contrastive)"]),
+                   ("ours", rates["ours (towers + contrastive)"]))
     median = {name: statistics.median(ts) for name, ts in times.items()}
-    for name in list(steps)[:3]:
-        print(f"  {name:<36s} {b / median[name]:9.2f} images/s")
-    ratio = median["open_clip (towers + contrastive)"] / median["ours (towers + contrastive)"]
-    print(f"  ratio ours / open_clip (same work): {ratio:.2f}")
+    record.figures["full CLIPS step images/s"] = round(b / median["ours full CLIPS step"], 3)
+    print(f"  ours full CLIPS step {b / median['ours full CLIPS step']:9.2f} images/s")
     parts = list(steps)[3:]
     total = sum(median[name] for name in parts)
     print(f"  full step {1e3 * median['ours full CLIPS step']:.1f} ms; its parts (forward + backward, sum "
           f"{1e3 * total:.1f} ms):")
     for name in parts:
+        record.figures[f"part: {name} ms"] = round(1e3 * median[name], 3)
+        record.figures[f"part: {name} share"] = round(median[name] / total, 4)
         print(f"    {name:<26s} {1e3 * median[name]:8.1f} ms  {100 * median[name] / total:5.1f} %")
+    record.write()
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def test_cluster_yaml_is_a_valid_autoscaler_config_with_gpu_workers():
     config = load_yaml("cluster.yaml")
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
     jsonschema.validate(config, schema)
-    assert json.dumps(config["file_mounts"]) == "{}"
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}, "only the Ray token is copied"
     head_type = config["head_node_type"]
     for name, node_type in config["available_node_types"].items():
         gpus = node_type.get("resources", {}).get("GPU", 0)
@@ -182,3 +182,17 @@ def test_runtime_env_ships_code_only():
     assert all(isinstance(v, str) for v in runtime_env["env_vars"].values())
     assert runtime_env["env_vars"]["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
     assert not secret_names(runtime_env["env_vars"])
+
+
+def test_the_ray_token_is_made_once_given_to_every_node_as_a_secret_and_never_written_inline():
+    """Autoscaler: the submitting machine's token file on every node, token mode in every container. KubeRay:
+    authOptions from a Kubernetes secret. Nowhere a token value, and no token in the runtime env."""
+    cluster, job = load_yaml("cluster.yaml"), load_yaml("rayjob.yaml")
+    assert "--env RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "openvision-ray-token"}
+    for path in INFRA_FILES:
+        text = path.read_text(errors="replace")
+        assert not re.search(r"RAY_AUTH_TOKEN\s*[:=]\s*\S", text), f"{path.name} sets a token value"
+    env = load_yaml("runtime_env.yaml")["env_vars"]
+    assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(env)

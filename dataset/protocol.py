@@ -303,8 +303,8 @@ class ShardStore:
             if now is None:
                 now = storage.now(self.base)
             deleted += self._clean_shard(listing, shard, attempts, now - grace_s)
-        for kind in self.kinds:
-            deleted += storage.remove_stale_uploads(storage.join(self.base, kind), grace_s)
+        for folder in [*self.kinds, LEDGER_DIR, claims.CLAIMS_DIR]:
+            deleted += storage.remove_stale_uploads(storage.join(self.base, folder), grace_s)
         return deleted
 
     def _clean_at_a_glance(self, listing: StoreListing, shard: str,

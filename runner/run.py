@@ -116,7 +116,7 @@ def plan_lines(stage: Stage, plan: Plan) -> list[tuple[str, bool]]:
     later = f", {plan.deferred} left for a later run" if plan.deferred else ""
     lines = [(f"{plan.inputs} input shards: {plan.done} done, {len(plan.tasks)} pending{not_ready}{later} "
               f"({stage.describe()})", False)]
-    lines += [(f"shard {shard}: committed, but {why}; captioned again as its next generation", True)
+    lines += [(f"shard {shard}: committed, but {why}; made again as its next generation", True)
               for shard, why in plan.healed]
     if plan.not_ready:
         shown = ", ".join(plan.not_ready[:10]) + (" ..." if len(plan.not_ready) > 10 else "")

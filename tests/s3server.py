@@ -18,6 +18,12 @@ from pathlib import Path
 START_TIMEOUT_S = 20.0
 GRPC_OFFSET = 10000  # SeaweedFS also listens on every HTTP port + 10000 for gRPC
 PORT_NAMES = ("s3", "master", "volume", "filer", "admin")
+# SeaweedFS gives every bucket a collection with at least one volume of its own, and by default it
+# allows free disk / volume size volumes: on a CI machine with a small disk that was ~20, so the
+# 21st bucket of a session answered every write with InternalError. Volumes are not preallocated,
+# so an explicit, generous count costs nothing until it is used.
+MAX_VOLUMES = 2000
+VOLUME_SIZE_MB = 64
 
 
 def weed_binary() -> str:
@@ -106,7 +112,8 @@ class SeaweedS3:
             "-admin.ui=false", f"-admin.port={p['admin']}", "-s3.port.iceberg=0",
             "-s3.port.lance=0", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
             f"-filer.port={p['filer']}", f"-s3.localSocket={d / 's3.sock'}",
-            f"-filer.localSocket={d / 'filer.sock'}",
+            f"-filer.localSocket={d / 'filer.sock'}", f"-volume.max={MAX_VOLUMES}",
+            f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
         ]
 
     def start(self) -> None:

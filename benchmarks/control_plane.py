@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import errno
 import io
+import itertools
 import os
 import shutil
 import statistics
@@ -415,11 +416,11 @@ def fit(points: list[tuple[int, float]]) -> Fit:
     points = sorted(points)
     xs, ys = [float(x) for x, _ in points], [y for _, y in points]
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
     intercept = mean_y - slope * mean_x
     total = sum((y - mean_y) ** 2 for y in ys)
-    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
-    marginal = [(y2 - y1) / (x2 - x1) for (x1, y1), (x2, y2) in zip(points, points[1:])]
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    marginal = [(y2 - y1) / (x2 - x1) for (x1, y1), (x2, y2) in itertools.pairwise(points)]
     return Fit(intercept, slope, 1.0 - residual / total if total > 0 else 1.0, marginal)
 
 

@@ -129,7 +129,8 @@ def caption_batch(batch: pa.Table, image_config: ImageConfig) -> pa.Table:
     """The Ray Data UDF: decode and downscale each image, attach the fixed caption and the metadata."""
     columns = {name: [] for name in ("key", "uid", "url", "sha256", "org_caption", "re_caption", "status",
                                      "error", "width", "height")}
-    for key, image, text, meta_json in zip(*(batch[c].to_pylist() for c in ("__key__", "jpg", "txt", "json"))):
+    members = (batch[c].to_pylist() for c in ("__key__", "jpg", "txt", "json"))
+    for key, image, text, meta_json in zip(*members, strict=True):
         meta = json.loads(meta_json) if meta_json else {}
         try:
             prepared = prepare_image(image or b"", image_config)
@@ -139,7 +140,7 @@ def caption_batch(batch: pa.Table, image_config: ImageConfig) -> pa.Table:
         values = (key, meta.get("uid"), meta.get("url"), meta.get("sha256"),
                   text.decode("utf-8", errors="replace") if text else None,
                   NullEngine.CAPTION if status == "ok" else None, status, error, width, height)
-        for name, value in zip(columns, values):
+        for name, value in zip(columns, values, strict=True):
             columns[name].append(value)
     return pa.table(columns)
 

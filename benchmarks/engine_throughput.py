@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         reference.engine.close()
         candidate.engine.close()
 
-    same = sum(x.token_ids == y.token_ids for x, y in zip(candidate.generations, reference.generations))
+    same = sum(x.token_ids == y.token_ids for x, y in zip(candidate.generations, reference.generations, strict=True))
     print(f"tiny LLaVA, {a.images} images, max {a.max_tokens} new tokens, greedy, float32, "
           f"transformers on {a.torch_threads} torch threads in batches of {a.hf_batch_size}")
     for engine in (reference, candidate):

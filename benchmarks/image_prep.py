@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, images in sets.items():
         if not images:
             continue
-        rates = alternate(a.rounds, {"full decode": lambda: images_per_s(images, full),
-                                     "draft decode": lambda: images_per_s(images, draft)})
+        rates = alternate(a.rounds, {"full decode": lambda images=images: images_per_s(images, full),
+                                     "draft decode": lambda images=images: images_per_s(images, draft)})
         record.figures[f"{name}: images"] = len(images)
         record.figures[f"{name}: mean KB"] = round(sum(map(len, images)) / len(images) / 1024, 1)
         record.compare(name, "images/s per core", ("full decode", rates["full decode"]),

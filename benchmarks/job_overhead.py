@@ -65,7 +65,7 @@ class Bare:
                       limit_mm_per_prompt={"image": 1}, **extra, **e.engine_kwargs)
             params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, seed=s.seed)
             requests = [{"prompt": prompt, "multi_modal_data": {"image": image}}
-                        for prompt, image in zip(self.prompts, images)]
+                        for prompt, image in zip(self.prompts, images, strict=True)]
             self.generate = lambda n: llm.generate(requests[:n], params, use_tqdm=False)
         else:
             engine = make_engine(e, s)

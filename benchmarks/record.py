@@ -75,7 +75,7 @@ def comparison(name: str, unit: str, baseline: tuple[str, list[float]], candidat
         raise ValueError(f"{name}: {len(base)} baseline and {len(cand)} candidate rounds (want equal, > 0)")
     return {"name": name, "unit": unit, "better": better,
             "baseline": {"name": base_name, **summary(base)}, "candidate": {"name": cand_name, **summary(cand)},
-            "ratio": summary([c / b for b, c in zip(base, cand)])}
+            "ratio": summary([c / b for b, c in zip(base, cand, strict=True)])}
 
 
 def machine() -> dict:

@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
             return images_per_second(stream, workers, a.batches) / max(workers, 1)
 
         for workers in a.workers:
-            rates = alternate(a.rounds, {"previous": lambda: rate(PreviousStream, workers),
-                                         "current": lambda: rate(ShardStream, workers)})
+            rates = alternate(a.rounds, {"previous": lambda workers=workers: rate(PreviousStream, workers),
+                                         "current": lambda workers=workers: rate(ShardStream, workers)})
             record.compare(f"--workers {workers}", "images/s per loader core",
                            ("previous (full decode, float output)", rates["previous"]),
                            ("current (draft decode, uint8 output)", rates["current"]))

@@ -90,7 +90,7 @@ def section(anchor: str, title: str, *parts: str) -> str:
     return f'<section id="{anchor}"><h2>{_escape(title)}</h2>{"".join(parts)}</section>'
 
 
-def table(header: list[str], rows: list[list], raw: set[int] = frozenset()) -> str:
+def table(header: list[str], rows: list[list], raw: frozenset[int] | set[int] = frozenset()) -> str:
     """An HTML table; cells are escaped text except the columns in `raw` (HTML we built, e.g. thumbnails)."""
     head = "".join(f"<th>{_escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{v if i in raw else _escape(v)}</td>" for i, v in enumerate(row))
@@ -177,7 +177,7 @@ def summary_section(run: outputs.FinishedRun, scores: ScoreCoverage) -> str:
         ["CLIP scores", f"{len(scores.current):,} of {len(run.ledgers):,} shards scored with "
                         f"{describe_scorer(scores.scorer)}" if scores.current else "not computed"],
         ["time", f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(start))} UTC, {(end - start) / 60:,.1f} min"
-         if start is not None else "n/a"],
+         if start is not None and end is not None else "n/a"],
         ["throughput", f"{info.get('images_per_s') or 0:,.1f} images/s, {info.get('tokens_per_s') or 0:,.0f} tokens/s "
                        "(whole run)" if info else "n/a (no _run.json)"],
     ]
@@ -235,7 +235,7 @@ def lengths_section(org: LengthStats, re: LengthStats, shards: int) -> str:
     both = org.counts + re.counts
     top = max(_quantile(both, LENGTH_SHOWN), 1)   # a few 10,000-word web captions must not flatten the plot
     hidden = sum(n for length, n in both.items() if length > top)
-    bins = np.linspace(0, top + 1, min(top + 2, LENGTH_BINS + 1))  # one bar per length up to LENGTH_BINS bars
+    bins = np.linspace(0, top + 1, min(top + 2, LENGTH_BINS + 1)).tolist()  # one bar per length up to LENGTH_BINS
     for stats, label, color in ((org, "web caption", "#4c78a8"), (re, "recaption", "#f58518")):
         shown = {length: n for length, n in stats.counts.items() if length <= top}
         ax.hist(list(shown), bins=bins, weights=list(shown.values()), alpha=0.6, label=label, color=color)
@@ -333,8 +333,9 @@ def scores_section(run: outputs.FinishedRun, found: ScoreCoverage, shards: list[
     fig = Figure(figsize=(9, 3.2))
     ax = fig.subplots()
     every = np.concatenate(list(values.values()))
-    bins = np.linspace(every.min(), every.max(), 50) if every.size else 10
-    for (name, data), label, color in zip(values.items(), ("recaption", "web caption"), ("#f58518", "#4c78a8")):
+    bins = np.linspace(every.min(), every.max(), 50).tolist() if every.size else 10
+    styles = (("recaption", "#f58518"), ("web caption", "#4c78a8"))
+    for (name, data), (label, color) in zip(values.items(), styles, strict=True):
         ax.hist(data, bins=bins, alpha=0.6, label=f"{label} ({name})", color=color)
     ax.set_xlabel("cosine(image, caption)")
     ax.set_ylabel("rows")
@@ -366,10 +367,11 @@ def throughput_section(run: outputs.FinishedRun) -> str:
     colors = {w: cmap(i % 10) for i, w in enumerate(workers)}
     fig = Figure(figsize=(9, 5))
     top, bottom = fig.subplots(2, 1, sharex=True)
-    for metric, ax, label in (("images_per_s", top, "images/s"), ("tokens_per_s", bottom, "tokens/s")):
+    for rate, ax, label in ((lambda ledger: ledger["images_per_s"], top, "images/s"),
+                            (lambda ledger: ledger["tokens_per_s"], bottom, "tokens/s")):
         for worker in workers:
             mine = [ledger for ledger in ledgers if str(ledger.get("worker")) == worker]
-            ax.hlines([ledger[metric] for ledger in mine], [(ledger["started_at"] - t0) / 60 for ledger in mine],
+            ax.hlines([rate(ledger) for ledger in mine], [(ledger["started_at"] - t0) / 60 for ledger in mine],
                       [(ledger["finished_at"] - t0) / 60 for ledger in mine], colors=[colors[worker]], lw=3,
                       label=worker)
         ax.set_ylabel(label)
@@ -377,7 +379,7 @@ def throughput_section(run: outputs.FinishedRun) -> str:
     bottom.set_xlabel("minutes since the first shard started (one bar per shard)")
     if len(workers) <= 12:
         top.legend(fontsize=8, ncol=min(len(workers), 6), loc="lower right")
-    per_worker = defaultdict(lambda: [0, 0, 0.0, 0])
+    per_worker: defaultdict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0, 0])
     for ledger in ledgers:
         acc = per_worker[str(ledger.get("worker"))]
         acc[0] += 1

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 
@@ -46,7 +50,27 @@ class CaptionJob:
     decode_threads: int = 1       # image decoding threads per worker (the pool sets its CPUs per worker)
 
     def pinned(self) -> CaptionJob:
-        """The engine pinned (see EngineConfig.pinned) and its context checked against this job's requests."""
+        """The engine pinned (see EngineConfig.pinned) and its context checked against this job's requests.
+
+        Both need the model's processor, and loading it imports transformers and torch (about 1 GB). A driver
+        that has not imported torch (the job's driver, which only plans and schedules) loads it in a child
+        process, so the driver's own memory stays a few hundred MB at 140k shards; where torch is loaded
+        already (a worker, a test) it is loaded here.
+        """
+        if "torch" in sys.modules:
+            return self._pinned_here()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        child = subprocess.run([sys.executable, "-c", "from recaption.job import pin_from_stdin; pin_from_stdin()"],
+                               input=pickle.dumps(self), capture_output=True, env=env)
+        if child.returncode != 0:
+            raise RuntimeError(f"loading the model's processor failed (exit {child.returncode}):\n"
+                               f"{child.stderr.decode(errors='replace')[-3000:]}")
+        pinned, error = pickle.loads(child.stdout)
+        if error is not None:
+            raise error
+        return pinned
+
+    def _pinned_here(self) -> CaptionJob:
         job = replace(self, engine=self.engine.pinned())
         if job.engine.chat_template is None:
             # The folder's own template under its name, if it renders like a named one (the converter
@@ -55,6 +79,7 @@ class CaptionJob:
                 load_processor(job.engine))))
         if self.engine.backend != "null":
             needed = job.request_tokens() + self.sampling.max_tokens
+            assert job.engine.max_model_len is not None  # a pinned engine knows its context
             if needed > job.engine.max_model_len:
                 raise ValueError(
                     f"--max-model-len {job.engine.max_model_len} is too short: image + prompt take "
@@ -100,3 +125,15 @@ class CaptionJob:
                 "chat_template": e.chat_template, "prompt": self.prompt, **asdict(self.sampling),
                 "image": self.image.as_dict(), "image_backend": IMAGE_BACKEND, "input": self.row_limits(),
                 "cleanup": CLEANUP_VERSION, "versions": library_versions()}
+
+
+def pin_from_stdin() -> None:
+    """The child process of CaptionJob.pinned: a pickled job in, the pickled (pinned job, None) or (None, error) out;
+    everything the libraries print goes to stderr."""
+    job, out = pickle.load(sys.stdin.buffer), sys.stdout.buffer
+    sys.stdout = sys.stderr
+    try:
+        answer: tuple[CaptionJob | None, Exception | None] = (job._pinned_here(), None)
+    except Exception as e:  # the driver raises it as if pinning had run there
+        answer = (None, e)
+    out.write(pickle.dumps(answer))

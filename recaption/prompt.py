@@ -63,7 +63,7 @@ class ChatTemplate:
     @property
     def spec(self) -> str:
         """What `--chat-template` takes to select this template; recorded in the fingerprint."""
-        return CUSTOM_PREFIX + self.system if self.name == "system" else self.name
+        return CUSTOM_PREFIX + (self.system or "") if self.name == "system" else self.name
 
     def jinja(self) -> str:
         """The processor chat template (image item -> `<image>` + newline, then the text)."""

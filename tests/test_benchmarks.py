@@ -41,7 +41,7 @@ def check_record(record: dict, name: str) -> None:
         for side in (base, cand, ratio):
             assert side["min"] <= side["median"] <= side["max"]
             assert side["min"] == min(side["rounds"]) and side["max"] == max(side["rounds"])
-        for b, x, r in zip(base["rounds"], cand["rounds"], ratio["rounds"]):
+        for b, x, r in zip(base["rounds"], cand["rounds"], ratio["rounds"], strict=True):
             assert r == pytest.approx(x / b, rel=REL)
 
 

@@ -40,7 +40,7 @@ def test_default_flags_vllm_greedy_equals_transformers_greedy(tiny_model, vllm_e
     theirs = reference.generate(texts, images)
 
     assert len(ours) == len(theirs) == 10
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert a.token_ids == b.token_ids
         assert a.finish_reason == b.finish_reason
         assert a.num_tokens == len(a.token_ids) > 0

@@ -58,6 +58,12 @@ def test_package_discovery_is_automatic_and_ships_every_package_but_the_benchmar
         assert module.rpartition(".")[0] in found and (ROOT / (module.replace(".", "/") + ".py")).exists(), target
 
 
+def test_every_entry_point_in_pipelines_is_a_console_script():
+    """A new command in pipelines/ cannot ship without its `openvision-NAME` script (the README promises one each)."""
+    commands = {path.stem for path in (ROOT / "pipelines").glob("*.py") if "\ndef main(" in path.read_text()}
+    assert {f"openvision-{name}": f"pipelines.{name}:main" for name in commands} == SCRIPTS
+
+
 def dockerignore_patterns() -> list[str]:
     lines = (ROOT / "infra" / "Dockerfile.dockerignore").read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]

@@ -267,7 +267,8 @@ def test_scores_join_by_key_all_or_refused(tmp_path, clip_dir):
     for shard in store.done():
         for row in pq.read_table(store.files(store.read_ledger(shard))["parquet"]).to_pylist():
             expected[row["key"]] = (row["re_clip_score"], row["org_clip_score"])
-    assert {k: (r, o) for k, r, o in zip(loaded["key"], loaded["re_clip_score"], loaded["org_clip_score"])} == expected
+    columns = (loaded["key"], loaded["re_clip_score"], loaded["org_clip_score"])
+    assert {k: (r, o) for k, r, o in zip(*columns, strict=True)} == expected
     assert "mean" in how_made(read_card(tmp_path / "scored")[1]).split("**CLIP scores**", 1)[1]
 
 

@@ -63,9 +63,16 @@ def test_the_users_command_with_default_flags_on_vllm_then_a_rerun_is_a_no_op(tm
     assert len(samples) == run["rows"]["ok"] and all(s["re_caption.txt"] for s in samples)
 
     before = files_and_times(out)
-    again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    again = subprocess.run([sys.executable, "-X", "importtime", *command[1:]], capture_output=True, text=True,
+                           timeout=900, cwd=ROOT)
     assert again.returncode == 0 and "nothing pending" in again.stdout
     assert files_and_times(out) == before
+    imported = {line.rsplit("|", 1)[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time")}
+    assert "dataset.outputs" in imported and "torch" not in imported, "the driver loads the processor in a child"
+
+    short = subprocess.run(command + ["--max-model-len", "64"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert short.returncode == 2 and short.stderr.startswith("[recaption] error: --max-model-len 64 is too short")
+    assert short.stderr.count("\n") == 1, short.stderr
 
     other = subprocess.run(command + ["--prompt", "Describe it."], capture_output=True, text=True, timeout=900,
                            cwd=ROOT)

@@ -58,7 +58,7 @@ class Page(HTMLParser):
     def rows(self, section: str, index: int = 0) -> list[dict[str, str]]:
         """A table's rows as {header: cell text}."""
         header, *body = self.tables[section][index]
-        return [dict(zip(header, row)) for row in body]
+        return [dict(zip(header, row, strict=True)) for row in body]
 
 
 def parse(text: str) -> Page:

@@ -168,7 +168,7 @@ def test_stream_reads_shards_from_s3(shards: str, tokenizer: CaptionTokenizer, s
         storage.write_bytes(f"{s3_bucket}/wds/{Path(path).name}", Path(path).read_bytes())
     remote = take(stream(f"{s3_bucket}/wds/", tokenizer), 3)
     local = take(stream(shards, tokenizer), 3)
-    for (a, _, pa), (b, _, pb) in zip(local, remote):
+    for (a, _, pa), (b, _, pb) in zip(local, remote, strict=True):
         assert pa == pb and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -177,7 +177,7 @@ def test_stream_resumes_exactly_from_a_position(shards: str, tokenizer: CaptionT
     full = take(stream(shards, tokenizer), 20)
     _, worker, position = full[11]
     resumed = take(stream(shards, tokenizer, start={worker: position}), 8)
-    for (a, _, pa), (b, _, pb) in zip(full[12:], resumed):
+    for (a, _, pa), (b, _, pb) in zip(full[12:], resumed, strict=True):
         assert pa == pb and all(torch.equal(a[k], b[k]) for k in a)
     assert full[-1][2][0] == 1  # second epoch, reshuffled
     first_keys = [tuple(b["captions"][0].tolist()) for b, _, _ in full[:15]]

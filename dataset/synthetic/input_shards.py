@@ -111,8 +111,9 @@ def _data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 def compress_shard(tar: str | Path, codec: str) -> None:
     """Compress a tar in place, keeping its name: `gzip`, `bzip2` or `xz` (tarfile would read all three)."""
     path = Path(tar)
-    compress: Callable[[bytes], bytes] = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}[codec]
-    path.write_bytes(compress(path.read_bytes()))
+    compressors: dict[str, Callable[[bytes], bytes]] = {"gzip": gzip.compress, "bzip2": bz2.compress,
+                                                        "xz": lzma.compress}
+    path.write_bytes(compressors[codec](path.read_bytes()))
 
 
 def rewrite_members(tar_path: str | Path, change: Callable[[str, bytes], tuple[str, bytes]]) -> None:

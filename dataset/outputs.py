@@ -103,6 +103,11 @@ class ColumnCaption:
     error: str | None = None
 
 
+def caption_columns(caption_config: dict) -> tuple[str, ...]:
+    """The caption columns of an output version, from its caption config (`re_caption` alone before sets)."""
+    return tuple(c["name"] for c in caption_config.get("captions") or ()) or ("re_caption",)
+
+
 def failed_columns(row: dict, columns: tuple[str, ...]) -> tuple[str, ...]:
     """The caption columns of a row that have no caption (every one of an error row of a one-column run)."""
     if row["status"] != "error":

@@ -165,3 +165,65 @@ def test_two_columns_in_one_pass_each_once_per_row_errors_per_column_and_retry_r
     assert fixed[keys[2]]["re_caption"] == bad["re_caption"], "the column that had its caption is kept"
     assert all(fixed[k] == rows[k] for k in keys if k != keys[2])
     assert keys[2] in {s["key"] for s in iter_samples(committed.files(str(out), "00000")["wds"])}
+
+
+@pytest.mark.slow
+def test_a_two_column_output_is_scored_published_and_exported_per_column(tmp_path, tiny_model, vllm_engine):
+    from dataset.images import prepare_image
+    from dataset.outputs import recaption_kinds
+    from dataset.publish import publish
+    from dataset.scores import register_scorer, score_store
+    from dataset.versions import Output
+    from dataset.wds import WdsExportConfig, export_wds
+    from scoring.clip import ClipModelSpec, ClipScorer
+    from scoring.stage import ScoreTask, score_shard
+    from scoring.tiny import build_tiny_clip
+
+    keys = write_shards(tmp_path / "in", shards=1, per_shard=4)[0]["keys"]
+    v1 = CaptionColumn("re_caption", DEFAULT_PROMPT, SamplingConfig(max_tokens=12))
+    v2 = CaptionColumn(V2, "Web caption: {org_caption}. Describe the image.",
+                       SamplingConfig(max_tokens=12, temperature=0.8, top_k=20))
+    job = CaptionJob(EngineConfig(tiny_model), captions=(v1, v2)).pinned()
+    out = tmp_path / "out"
+    output = Output.register(str(out), job.fingerprint, job.caption_config(), False, recaption_kinds(True))
+    worker = CaptionWorker(job, str(out), output.base, engine=vllm_engine, on_engine_death=lambda: None)
+    try:
+        task = committed.registered(ShardTask("00000", path=str(tmp_path / "in" / "00000.tar")), output.base)
+        assert worker.process(task).kind == "committed"
+    finally:
+        worker.close()
+    rows = by_key(out)
+
+    spec = ClipModelSpec(f"local-dir:{build_tiny_clip(tmp_path / 'clip')}")
+    scorer = ClipScorer(spec, "cpu")
+    register_scorer(score_store(output), spec.identity())
+    score_task = committed.registered(ScoreTask("00000"), score_store(output).base)
+    assert score_shard(output, score_task, scorer, spec.identity()).kind == "committed"
+    store = score_store(output)
+    scored = {s["key"]: s for s in pq.read_table(store.files(store.read_ledger("00000"))["parquet"]).to_pylist()}
+    assert sorted(scored) == sorted(keys)
+    tar = committed.files(str(out), "00000")["wds"]
+    images = {s["key"]: prepare_image(s["image"]).image for s in iter_samples(tar)}
+    for key, s in scored.items():
+        want = scorer.scores([images[key]], {c: [rows[key][c]] for c in ("re_caption", V2, "org_caption")})
+        assert s["re_clip_score"] == pytest.approx(want["re_caption"][0], abs=1e-5)
+        assert s[f"{V2}_clip_score"] == pytest.approx(want[V2][0], abs=1e-5)
+        assert s["org_clip_score"] == pytest.approx(want["org_caption"][0], abs=1e-5)
+
+    publish(str(out), str(tmp_path / "published"), log=lambda line: None)
+    train = pq.read_table(next((tmp_path / "published").rglob("train-*.parquet"))).to_pylist()
+    assert sorted(r["key"] for r in train) == sorted(keys)
+    for r in train:
+        assert (r["re_caption"], r[V2]) == (rows[r["key"]]["re_caption"], rows[r["key"]][V2])
+        assert r[f"{V2}_clip_score"] == scored[r["key"]][f"{V2}_clip_score"]
+        assert r[f"{V2}_num_tokens"] == rows[r["key"]][f"{V2}_num_tokens"]
+
+    export_wds(str(out), str(tmp_path / "wds"), WdsExportConfig(text=V2), log=lambda line: None)
+    exported = list(iter_samples(str(tmp_path / "wds" / "00000.tar")))
+    assert sorted(s["key"] for s in exported) == sorted(keys)
+    for s in exported:
+        assert s["txt"].decode() == s[f"{V2}.txt"].decode() == rows[s["key"]][V2]
+        assert s["re_caption.txt"].decode() == rows[s["key"]]["re_caption"]
+        assert json.loads(s["json"])["caption"] == V2
+    with pytest.raises(ValueError, match="choose a caption column of this version"):
+        export_wds(str(out), str(tmp_path / "wds2"), WdsExportConfig(text="re_caption_v3"), log=lambda line: None)

@@ -95,7 +95,7 @@ class Captioner:
     def request_tokens(self) -> tuple[int, int, int]:
         """Prompt tokens of each column's request (image included) and the prefix they share."""
         processor, image = self.engine.processor, self.images[0]
-        ids = [processor(images=[image], text=[p])["input_ids"][0].tolist() for p in self.prompts]
+        ids = [list(processor(images=[image], text=[p])["input_ids"][0]) for p in self.prompts]
         common = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
         return len(ids[0]), len(ids[1]), common
 
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         captioner = Captioner(EngineConfig(model, backend=a.backend, dtype="float32", max_model_len=2048), columns,
                               images)
         caching = captioner.prefix_caching
+        first, second, common = captioner.request_tokens()
         seconds = alternate(a.rounds, {"one": captioner.one_prompt, "pass": captioner.one_pass,
                                        "runs": captioner.two_runs})
-        first, second, common = captioner.request_tokens()
         tokens = {name: count / (a.images * a.rounds * (3 if name == columns[0].name else 2))
                   for name, count in captioner.tokens.items()}   # v1 runs in all three measures, v2 in two
         captioner.engine.close()

@@ -4,8 +4,10 @@ A caption set (recaption/captions.py) sends an image's requests for every column
 vLLM's prefix cache and multimodal caches serve the image part of the prompt they share (the LLaVA turn
 format puts the image before the instruction). This measures it on the tiny random-weight LLaVA
 (recaption/tiny.py) at a prefill-heavy shape like the Recap captioner's (576 image tokens at 336 px, a few
-dozen prompt tokens, few new tokens), with the columns of the ready set recaption/caption_sets/recap_v1_v2.toml
-(v1 greedy, v2 conditioned on the web caption and sampled) at --max-tokens each, on one vLLM engine:
+dozen prompt tokens, few new tokens), with the prompts of the ready set recaption/caption_sets/recap_v1_v2.toml
+(v1, and v2 conditioned on the web caption) at --max-tokens each, on one vLLM engine. Both decode greedily: the
+cost of a token does not depend on how it is drawn, and vLLM's CPU build cannot run a seeded request whose
+prefill it splits over steps (its CPU generators have no offset: "CPU Generator does not use offset").
 
 - one prompt: every image with the v1 prompt, one generate call;
 - one pass: every image with both prompts, an image's two requests adjacent in one call (as the worker sends them);
@@ -34,7 +36,7 @@ from PIL import Image
 from benchmarks.record import Record, alternate, parse
 from dataset.synthetic.shapes import draw_shape, random_sample
 from recaption.captions import CaptionColumn, load_caption_set
-from recaption.engines import CaptionEngine, EngineConfig, VllmEngine, make_engine
+from recaption.engines import CaptionEngine, EngineConfig, SamplingConfig, VllmEngine, make_engine
 from recaption.prompt import PromptBuilder
 from recaption.tiny import build_tiny_llava
 
@@ -116,8 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     record = Record("multi_caption", a, argv)
     rng = random.Random(a.seed)
     images = [draw_shape(random_sample(rng), a.image_size, rng) for _ in range(a.images)]
-    columns = tuple(replace(c, sampling=replace(c.sampling, max_tokens=a.max_tokens))
-                    for c in load_caption_set(READY_SET))
+    columns = tuple(replace(c, sampling=SamplingConfig(max_tokens=a.max_tokens)) for c in load_caption_set(READY_SET))
     with tempfile.TemporaryDirectory() as tmp:
         model = str(build_tiny_llava(tmp, seed=a.seed, text_hidden=a.text_hidden, text_layers=a.text_layers,
                                      image_size=a.image_size))

@@ -3,8 +3,8 @@
 A recaption output OUT (a local folder or s3://bucket/prefix) holds versions (dataset/versions.py); each
 version's shards are committed through the commit protocol (dataset/protocol.py, PROTOCOL.md):
 
-    BASE/parquet/{shard}~{gen}.{attempt}.parquet  one row per input sample (ROW_SCHEMA), nothing dropped
-    BASE/wds/{shard}~{gen}.{attempt}.tar          the samples that decoded, with both captions (for training)
+    BASE/parquet/{shard}~{gen}.{attempt}.parquet  one row per input sample (`row_schema`), nothing dropped
+    BASE/wds/{shard}~{gen}.{attempt}.tar          the ok samples, with the web caption and every caption column
     BASE/_ledger/{shard}[~{gen}].json             the commit: which files, their bytes and rows, the counts
     BASE/_run.json                                the last run's summary
     BASE/clip_scores/...                          the score stage (dataset/scores.py), the same shape

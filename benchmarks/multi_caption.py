@@ -30,6 +30,7 @@ import random
 import tempfile
 import time
 from dataclasses import replace
+from typing import Any
 
 from PIL import Image
 
@@ -96,7 +97,8 @@ class Captioner:
 
     def request_tokens(self) -> tuple[int, int, int]:
         """Prompt tokens of each column's request (image included) and the prefix they share."""
-        processor, image = self.engine.processor, self.images[0]
+        processor: Any = self.engine.processor
+        image = self.images[0]
         ids = [list(processor(images=[image], text=[p])["input_ids"][0]) for p in self.prompts]
         common = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
         return len(ids[0]), len(ids[1]), common

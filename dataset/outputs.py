@@ -172,7 +172,7 @@ def build_row(sample: InputSample, *, shard: str, fingerprint: str, error: str |
     columns = {"re_caption": ColumnCaption(caption, finish_reason, num_tokens, quality, error), **(others or {})}
     errors = {name: c.error for name, c in columns.items() if c.error is not None or c.text is None}
     ok = not errors
-    row = {
+    row: dict[str, Any] = {
         "key": sample.key, "source_key": sample.source_key, "uid": sample.meta.get("uid"),
         "url": sample.meta.get("url"), "org_caption": org, "status": "ok" if ok else "error",
         "error": next(iter(errors.values()), None), "notes": "; ".join(sample.notes) or None,

@@ -154,7 +154,8 @@ class StreamingEngine:
         raises the first RequestRejected, if any."""
         results: dict[str, Result] = {}
         ids = [f"generate-{i}" for i in range(len(prompts))]
-        for request_id, prompt, image, own in zip(ids, prompts, images, sampling or [None] * len(prompts)):
+        each: list[SamplingConfig | None] = list(sampling) if sampling else [None] * len(prompts)
+        for request_id, prompt, image, own in zip(ids, prompts, images, each):
             try:
                 self.add(request_id, prompt, image, own)
             except RequestRejected as e:

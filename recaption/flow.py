@@ -126,10 +126,14 @@ class ShardFlow:
             if self.retry is None or sample.key in self.retry:
                 yield seq, sample
 
+    def columns_for(self, key: str) -> tuple[str, ...]:
+        """The caption columns this attempt runs for the sample `key` (with --retry-errors: those that failed)."""
+        return self.columns if self.retry is None else self.retry[key]
+
     def prepare(self, seq: int, sample: InputSample) -> Item:
         """Decode the sample and prompt each caption column it needs (with --retry-errors: the columns that
         failed) (thread-safe: runs on the worker's decode threads)."""
-        columns = self.columns if self.retry is None else self.retry[sample.key]
+        columns = self.columns_for(sample.key)
         if sample.image_error or sample.image is None:
             return Item(seq, sample, columns, error=sample.image_error or "missing: no image member")
         try:

@@ -5,6 +5,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
+from typing import Any
 
 from PIL import Image
 
@@ -97,10 +98,10 @@ class CaptionJob:
             raise ValueError("the fingerprint needs a pinned job (CaptionJob.pinned())")
         e, columns = self.engine, self.columns
         main = columns[0] if len(columns) == 1 else None   # one column: the basis of the runs before caption sets
-        basis = {"model": None if resolve.is_local(e.model) else e.model, "model_version": e.model_version,
-                 "backend": e.backend, "dtype": e.dtype, "engine_options": e.output_options(),
-                 "image": self.image.as_dict(), "input": self.row_limits(), "cleanup": CLEANUP_VERSION,
-                 "image_backend": IMAGE_BACKEND}
+        basis: dict[str, Any] = {
+            "model": None if resolve.is_local(e.model) else e.model, "model_version": e.model_version,
+            "backend": e.backend, "dtype": e.dtype, "engine_options": e.output_options(), "image": self.image.as_dict(),
+            "input": self.row_limits(), "cleanup": CLEANUP_VERSION, "image_backend": IMAGE_BACKEND}
         if main is not None:
             basis.update(prompt=main.prompt, sampling=asdict(main.sampling))
         else:
@@ -122,11 +123,12 @@ class CaptionJob:
         """The settings recorded in every ledger and in the dataset card."""
         e, columns = self.engine, self.columns
         main = next(c for c in columns if c.name == MAIN_COLUMN)
-        config = {"model": e.model, "revision": e.revision, "model_version": e.model_version, "backend": e.backend,
-                  "dtype": e.dtype, "max_model_len": e.max_model_len, "engine_options": e.output_options(),
-                  "chat_template": e.chat_template, "prompt": main.prompt, **asdict(main.sampling),
-                  "image": self.image.as_dict(), "image_backend": IMAGE_BACKEND, "input": self.row_limits(),
-                  "cleanup": CLEANUP_VERSION, "versions": library_versions()}
+        config: dict[str, Any] = {
+            "model": e.model, "revision": e.revision, "model_version": e.model_version, "backend": e.backend,
+            "dtype": e.dtype, "max_model_len": e.max_model_len, "engine_options": e.output_options(),
+            "chat_template": e.chat_template, "prompt": main.prompt, **asdict(main.sampling),
+            "image": self.image.as_dict(), "image_backend": IMAGE_BACKEND, "input": self.row_limits(),
+            "cleanup": CLEANUP_VERSION, "versions": library_versions()}
         if len(columns) > 1:
             config["captions"] = [c.as_dict() for c in columns]
         return config

@@ -296,7 +296,7 @@ class CaptionWorker:
         try:
             return flow.prepare(seq, sample)
         except Exception as e:  # an unexpected decode failure is this sample's error, not the shard's
-            return Item(seq, sample, error=f"prepare: {type(e).__name__}: {e}")
+            return Item(seq, sample, flow.columns_for(sample.key), error=f"prepare: {type(e).__name__}: {e}")
 
     def _collect(self, feed: Feed) -> Outcome:
         answered, total = 0, None

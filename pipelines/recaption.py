@@ -4,6 +4,7 @@
       --output s3://b/recap --model ORG/llava-llama-3-8b-hqedit-hf    # Recap-DataComp-1B's captioner, converted
   python pipelines/recaption.py --input shards/ --output out/ --model MODEL   # local Ray instance
   python pipelines/recaption.py ... --plan --gpu-hour-price 2.5               # sample run + cost, writes nothing
+  python pipelines/recaption.py ... --captions recaption/caption_sets/recap_v1_v2.toml   # v1 and v2, one pass
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 # Every benchmark at full size on a quiet machine, one results file each, then the README's table from them.
 # Without a GPU, gpu_recaption runs its --tiny config on the CPU (the README row says so).
 BENCHMARKS := job_overhead data_plane engine_throughput gpu_recaption control_plane image_prep \
-              train_throughput train_dataloader publish_stream
+              train_throughput train_dataloader publish_stream multi_caption
 RESULTS    := benchmarks/results
 GPU_FLAGS  := $(shell nvidia-smi -L >/dev/null 2>&1 || echo --tiny)
 BENCH_FLAGS_gpu_recaption := $(GPU_FLAGS)

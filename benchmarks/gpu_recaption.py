@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                     "--max-tokens", str(a.max_tokens), "--num-workers", "1",
                     "--engine-kwargs", json.dumps(engine_kwargs), "--progress-every", "30"]
         job = recaption_cli.config_from_args(recaption_cli.parse_args(job_argv + ["--output", tmp])).job.pinned()
-        prompt_tokens = job.request_tokens()
+        prompt_tokens = job.request_tokens(job.prompt)
         rounds = [run_job(job_argv + ["--output", str(root / f"out-{i}")]) for i in range(a.rounds)]
         import ray
 

@@ -200,10 +200,21 @@ def publish_stream(r: dict) -> tuple[str, str]:
                   f"publish rows/s over a plain read's: {speed}")
 
 
+def multi_caption(r: dict) -> tuple[str, str]:
+    f = r["figures"]
+    what = (f"A second caption of the same image (v2 prompt, {r['args']['backend']}): one pass vs one caption and vs "
+            f"a second run, tiny LLaVA at {f['image tokens']} image tokens, {f['images']} images, "
+            f"~{f['new tokens v1']:.0f} new tokens")
+    return what, (f"**second caption: {median(f['second caption share, one pass']):.0%} of the first in one pass**, "
+                  f"{median(f['second caption share, two runs']):.0%} as a second run; its non-shared tokens "
+                  f"{f['non-shared share of the second request']:.0%}")
+
+
 ROWS: dict[str, Callable[[dict], tuple[str, str]]] = {
     "job_overhead": job_overhead, "data_plane": data_plane, "engine_throughput": engine_throughput,
     "gpu_recaption": gpu_recaption, "control_plane": control_plane, "image_prep": image_prep,
     "train_throughput": train_throughput, "train_dataloader": train_dataloader, "publish_stream": publish_stream,
+    "multi_caption": multi_caption,
 }
 
 

@@ -36,6 +36,22 @@ COLUMN_DOCS = {
     "shard": "input shard the row came from",
     "fingerprint": "hash of the captioning settings: one value per published dataset",
 }
+# The fields of a caption set's other columns (dataset/outputs.py `column_fields`), by suffix.
+CAPTION_SET_DOCS = {"_clip_score": "cosine similarity of the image and `{}` under the scoring CLIP model",
+                    "_num_tokens": "tokens generated for `{}`", "_finish_reason": "`finish_reason` of `{}`",
+                    "_quality": "`quality` flags of `{}`", "_length": "words in `{}`"}
+
+
+def column_doc(name: str) -> str:
+    """The card's line for a published column; a caption set's other columns by their suffix."""
+    if name in COLUMN_DOCS:
+        return COLUMN_DOCS[name]
+    for suffix, doc in CAPTION_SET_DOCS.items():
+        if name.endswith(suffix):
+            return doc.format(name[:-len(suffix)])
+    return "another caption of the image (a column of the run's caption set, `--captions`)"
+
+
 MARKDOWN_PUNCTUATION = "\\`*_{}[]()#+-.!|~:@$=^"
 HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 CELL_CHARS = 160
@@ -266,7 +282,7 @@ def render_card(info: CardInfo) -> str:
         *_table(["caption", "mean", "median"], [
             ["web (org_caption)", f"{info.org_length.mean:.1f}", f"{info.org_length.median:g}"],
             ["recaption (re_caption)", f"{info.re_length.mean:.1f}", f"{info.re_length.median:g}"]]), "",
-        "## Columns", "", *(f"- `{f.name}` ({f.type}): {COLUMN_DOCS.get(f.name, '')}" for f in info.schema), "",
+        "## Columns", "", *(f"- `{f.name}` ({f.type}): {column_doc(f.name)}" for f in info.schema), "",
         "## Samples", "",
         *_table(sample_columns, [[s.get(c) for c in sample_columns] for s in info.samples]), "",
         "## Getting the images", "",

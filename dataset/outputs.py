@@ -3,8 +3,8 @@
 A recaption output OUT (a local folder or s3://bucket/prefix) holds versions (dataset/versions.py); each
 version's shards are committed through the commit protocol (dataset/protocol.py, PROTOCOL.md):
 
-    BASE/parquet/{shard}~{gen}.{attempt}.parquet  one row per input sample (ROW_SCHEMA), nothing dropped
-    BASE/wds/{shard}~{gen}.{attempt}.tar          the samples that decoded, with both captions (for training)
+    BASE/parquet/{shard}~{gen}.{attempt}.parquet  one row per input sample (`row_schema`), nothing dropped
+    BASE/wds/{shard}~{gen}.{attempt}.tar          the ok samples, with the web caption and every caption column
     BASE/_ledger/{shard}[~{gen}].json             the commit: which files, their bytes and rows, the counts
     BASE/_run.json                                the last run's summary
     BASE/clip_scores/...                          the score stage (dataset/scores.py), the same shape
@@ -65,6 +65,57 @@ ROW_SCHEMA = pa.schema([
 ])
 
 
+# A caption set's columns beside `re_caption` (recaption/captions.py) add these fields each, after ROW_SCHEMA's,
+# and one map of the failed columns' reasons; a run of `re_caption` alone writes ROW_SCHEMA as it is.
+CAPTION_ERRORS = "caption_errors"   # column -> 'reason: detail' for each column that has no caption; null when none
+
+
+def column_fields(column: str) -> dict[str, str]:
+    """The row fields of one caption column, by role: Recap-DataComp-1B's names for `re_caption`."""
+    if column == "re_caption":
+        return {"text": "re_caption", "finish_reason": "finish_reason", "num_tokens": "num_tokens",
+                "quality": "quality", "length": "re_length"}
+    return {"text": column, "finish_reason": f"{column}_finish_reason", "num_tokens": f"{column}_num_tokens",
+            "quality": f"{column}_quality", "length": f"{column}_length"}
+
+
+_ROLE_TYPES = {"text": pa.string(), "finish_reason": pa.string(), "num_tokens": pa.int32(), "quality": pa.string(),
+               "length": pa.int32()}
+
+
+def row_schema(columns: tuple[str, ...] = ("re_caption",)) -> pa.Schema:
+    """The rows of a run with these caption columns: ROW_SCHEMA, then each other column's fields and the
+    per-column error map."""
+    extra = [c for c in columns if c != "re_caption"]
+    if not extra:
+        return ROW_SCHEMA
+    added = [pa.field(name, _ROLE_TYPES[role]) for c in extra for role, name in column_fields(c).items()]
+    return pa.schema([*ROW_SCHEMA, *added, pa.field(CAPTION_ERRORS, pa.map_(pa.string(), pa.string()))])
+
+
+@dataclass(frozen=True)
+class ColumnCaption:
+    """One caption column of one row: its text, or the reason it has none."""
+    text: str | None = None
+    finish_reason: str | None = None
+    num_tokens: int = 0
+    quality: str = ""
+    error: str | None = None
+
+
+def caption_columns(caption_config: dict) -> tuple[str, ...]:
+    """The caption columns of an output version, from its caption config (`re_caption` alone before sets)."""
+    return tuple(c["name"] for c in caption_config.get("captions") or ()) or ("re_caption",)
+
+
+def failed_columns(row: dict, columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The caption columns of a row that have no caption (every one of an error row of a one-column run)."""
+    if row["status"] != "error":
+        return ()
+    errors = dict(row.get(CAPTION_ERRORS) or ())
+    return tuple(c for c in columns if c in errors) if errors else columns
+
+
 def _words(text: str | None) -> int:
     return len(text.split()) if text else 0
 
@@ -105,36 +156,57 @@ class RecaptionLedger(Ledger, total=False):
 
 def build_row(sample: InputSample, *, shard: str, fingerprint: str, error: str | None = None,
               caption: str | None = None, finish_reason: str | None = None, num_tokens: int = 0,
-              quality: str = "", width: int | None = None, height: int | None = None) -> dict:
-    """One ROW_SCHEMA row: an 'ok' row with its caption, or an 'error' row with `error` ('reason: detail').
+              quality: str = "", width: int | None = None, height: int | None = None,
+              others: dict[str, ColumnCaption] | None = None) -> dict:
+    """One row (`row_schema`): `re_caption` as `caption`, or `error` ('reason: detail') when it has none; with
+    `others`, the other caption columns of the set, each with its caption or its error.
 
-    Captions are stored with whitespace runs collapsed; lengths are in words. The sample's own facts
-    (`source_key`, `notes`, a web caption cut at its cap: quality flag 'truncated') go in on every row.
+    A row is 'ok' when every column has its caption; else 'error', its `error` the first failed column's
+    reason (`re_caption` first) and, with `others`, `caption_errors` each failed column's. Captions are stored
+    with whitespace runs collapsed; lengths are in words. The sample's own facts (`source_key`, `notes`, a web
+    caption cut at its cap: quality flag 'truncated') go in on every row.
     """
     if error is None and caption is None:
         raise ValueError(f"{shard}/{sample.key}: a row needs a caption or an error")
     org = " ".join((sample.org_caption or "").split())
-    ok = error is None
-    text = " ".join((caption or "").split()) if ok else None
-    flags = [flag for flag in quality.split(",") if flag] if ok else []
-    if sample.org_caption_truncated:
-        flags.append("truncated")
-    return {
+    columns = {"re_caption": ColumnCaption(caption, finish_reason, num_tokens, quality, error), **(others or {})}
+    errors = {name: c.error for name, c in columns.items() if c.error is not None or c.text is None}
+    ok = not errors
+    row: dict[str, Any] = {
         "key": sample.key, "source_key": sample.source_key, "uid": sample.meta.get("uid"),
-        "url": sample.meta.get("url"), "org_caption": org, "re_caption": text, "status": "ok" if ok else "error",
-        "error": error, "finish_reason": finish_reason if ok else None, "num_tokens": num_tokens if ok else 0,
-        "quality": ",".join(flags) if ok else (",".join(flags) or None), "notes": "; ".join(sample.notes) or None,
-        "width": width, "height": height, "sha256": sample.meta.get("sha256"),
-        "org_length": _words(org), "re_length": _words(text), "fingerprint": fingerprint, "shard": shard,
+        "url": sample.meta.get("url"), "org_caption": org, "status": "ok" if ok else "error",
+        "error": next(iter(errors.values()), None), "notes": "; ".join(sample.notes) or None,
+        "width": width, "height": height, "sha256": sample.meta.get("sha256"), "org_length": _words(org),
+        "fingerprint": fingerprint, "shard": shard,
     }
+    for name, c in columns.items():
+        good = name not in errors
+        text = " ".join((c.text or "").split()) if good else None
+        flags = [flag for flag in c.quality.split(",") if flag] if good else []
+        if sample.org_caption_truncated:
+            flags.append("truncated")
+        fields = column_fields(name)
+        row.update({fields["text"]: text, fields["finish_reason"]: c.finish_reason if good else None,
+                    fields["num_tokens"]: c.num_tokens if good else 0,
+                    fields["quality"]: ",".join(flags) if good else (",".join(flags) or None),
+                    fields["length"]: _words(text)})
+    if others is not None:
+        row[CAPTION_ERRORS] = errors or None
+    return row
 
 
 def make_ledger(rows: list[dict], *, input: str, fingerprint: str, caption_config: dict, samples_in: int,
-                started_at: float, finished_at: float, worker: str, duplicates: int = 0, **extra) -> RecaptionLedger:
+                started_at: float, finished_at: float, worker: str, duplicates: int = 0,
+                columns: tuple[str, ...] = ("re_caption",), **extra) -> RecaptionLedger:
     """A shard's ledger before `Attempt.commit` adds shard, attempt_id, generation and files:
-    what went in, counts over the rows, timing, and any `extra` facts of the caller."""
+    what went in, counts over the rows (tokens of every caption column; with several, each column's captions
+    and errors), timing, and any `extra` facts of the caller."""
     status = Counter(row["status"] for row in rows)
-    tokens = sum(row["num_tokens"] or 0 for row in rows)
+    counted = [column_fields(c)["num_tokens"] for c in columns]
+    tokens = sum(row[field] or 0 for row in rows for field in counted)
+    if len(columns) > 1:
+        failed = Counter(c for row in rows for c in failed_columns(row, columns))
+        extra["columns"] = {c: {"ok": len(rows) - failed[c], "error": failed[c]} for c in columns}
     seconds = max(finished_at - started_at, 1e-9)
     return cast(RecaptionLedger, {
         "input": input, "fingerprint": fingerprint, "caption_config": caption_config,
@@ -147,15 +219,16 @@ def make_ledger(rows: list[dict], *, input: str, fingerprint: str, caption_confi
     })
 
 
-def write_parquet(rows: list[dict], local_file: str) -> int:
-    """Write rows (ROW_SCHEMA dicts) to a local Parquet file; returns its size (`Attempt.put` uploads it)."""
-    pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), local_file, compression="zstd")
+def write_parquet(rows: list[dict], local_file: str, schema: pa.Schema = ROW_SCHEMA) -> int:
+    """Write rows (`schema` dicts) to a local Parquet file; returns its size (`Attempt.put` uploads it)."""
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), local_file, compression="zstd")
     return os.path.getsize(local_file)
 
 
 class WdsWriter:
     """An output tar written sample by sample to a local file: `{key}.{ext}` (the image as read),
-    `{key}.txt` (web caption), `{key}.re_caption.txt` and `{key}.json` (metadata, sorted keys)."""
+    `{key}.txt` (web caption), `{key}.re_caption.txt`, `{key}.{column}.txt` for each other caption column, and
+    `{key}.json` (metadata, sorted keys)."""
 
     def __init__(self, local_file: str):
         from webdataset import TarWriter  # here, not at the top: webdataset imports torch, which drivers never need
@@ -163,8 +236,10 @@ class WdsWriter:
         self.local_file, self.samples = local_file, 0
         self.tar = TarWriter(local_file, encoder=False, mode=0o644, mtime=int(time.time()))
 
-    def add(self, key: str, ext: str, image: bytes, org: str, re: str, meta: dict) -> None:
-        self.tar.write({"__key__": key, ext: image, "txt": org.encode(), "re_caption.txt": re.encode(),
+    def add(self, key: str, ext: str, image: bytes, org: str, re: str, meta: dict,
+            others: dict[str, str] | None = None) -> None:
+        members = {f"{column}.txt": text.encode() for column, text in (others or {}).items()}
+        self.tar.write({"__key__": key, ext: image, "txt": org.encode(), "re_caption.txt": re.encode(), **members,
                         "json": json.dumps(meta, sort_keys=True).encode()})
         self.samples += 1
 

@@ -52,6 +52,8 @@ from dataset.scores import (
     ScoreCoverage,
     ScoreLookup,
     describe_scorer,
+    score_name,
+    score_schema,
     score_store,
     scores_to_join,
 )
@@ -70,8 +72,9 @@ TRAIN_PATTERN, PREVIEW_PATTERN = "train-*", "preview-*"
 MB = 1_000_000
 
 
-def published_schema(with_scores: bool) -> pa.Schema:
-    """The published columns: Recap-DataComp-1B's nine (seven without scores), then ours."""
+def published_schema(with_scores: bool, columns: tuple[str, ...] = ("re_caption",)) -> pa.Schema:
+    """The published columns: Recap-DataComp-1B's nine (seven without scores), then ours, then each other caption
+    column of the version's set: its caption, facts and (with scores) its CLIP score."""
     fields = []
     for name in RECAP_COLUMNS + OUR_COLUMNS:
         if name in SCORE_COLUMNS:
@@ -80,6 +83,11 @@ def published_schema(with_scores: bool) -> pa.Schema:
         else:
             source = ROW_SCHEMA.field(name)
             fields.append(source.with_type(RECAP_TYPES.get(name, source.type)))
+    rows = outputs.row_schema(columns)
+    for column in (c for c in columns if c != "re_caption"):
+        fields += [rows.field(name) for name in outputs.column_fields(column).values()]
+        if with_scores:
+            fields.append(pa.field(score_name(column), pa.float64()))
     return pa.schema(fields)
 
 
@@ -131,7 +139,7 @@ class Plan:
 
     @property
     def schema(self) -> pa.Schema:
-        return published_schema(self.scores is not None)
+        return published_schema(self.scores is not None, outputs.caption_columns(self.run.caption_config))
 
     @property
     def shards(self) -> list[str]:
@@ -202,7 +210,8 @@ def plan_lines(plan: Plan, dest: str) -> list[str]:
 def ok_batches(plan: Plan, shards: list[str], written: Written) -> Iterator[pa.RecordBatch]:
     """The ok rows of `shards` in the plan's schema, batch by batch, scores joined by key when the plan has them."""
     run, schema = plan.run, plan.schema
-    row_columns = [name for name in schema.names if name not in SCORE_COLUMNS]
+    scored = set(score_schema(outputs.caption_columns(run.caption_config)).names) - {"key", "error"}
+    row_columns = [name for name in schema.names if name not in scored]
     for shard in shards:
         path = run.parquet(shard)
         expected = run.by_shard[shard]["ok"]

@@ -36,6 +36,21 @@ SCORE_SCHEMA = pa.schema([
 ])
 
 
+
+
+def score_name(column: str) -> str:
+    """The CLIP score of a caption column: Recap-DataComp-1B's `re_clip_score` for `re_caption`."""
+    return "re_clip_score" if column == "re_caption" else f"{column}_clip_score"
+
+
+def score_schema(columns: tuple[str, ...] = ("re_caption",)) -> pa.Schema:
+    """The score rows of an output version with these caption columns: SCORE_SCHEMA, with a score per other
+    caption column before `error`."""
+    extra = [pa.field(score_name(c), pa.float64()) for c in columns if c != "re_caption"]
+    return pa.schema([*SCORE_SCHEMA.remove(SCORE_SCHEMA.get_field_index("error")), *extra,
+                      SCORE_SCHEMA.field("error")])
+
+
 class ScoresIncomplete(ValueError):
     """Some of the shards to publish have current CLIP scores and some do not."""
 
@@ -143,23 +158,24 @@ class ScoreLookup:
 
     def __init__(self, store: ShardStore, ledger: Ledger):
         path = store.files(ledger)[outputs.PARQUET_DIR]
-        batches = list(outputs.iter_batches(path, SCORE_SCHEMA.names))
-        table = pa.Table.from_batches(batches, SCORE_SCHEMA)
+        names = outputs.open_parquet(path).schema_arrow.names
+        self.names = [name for name in names if name not in ("key", "error")]   # score_schema's scores
+        table = pa.Table.from_batches(list(outputs.iter_batches(path, ["key", *self.names])))
         self.path = path
-        self.columns = {name: table[name].combine_chunks() for name in ["key", *SCORE_COLUMNS]}
+        self.columns = {name: table[name].combine_chunks() for name in ["key", *self.names]}
 
     def take(self, keys: pa.Array | pa.ChunkedArray) -> dict[str, pa.Array]:
-        """SCORE_COLUMNS for `keys`; a key without a score row is an error (scores cover every ok row)."""
+        """Every score column for `keys`; a key without a score row is an error (scores cover every ok row)."""
         index = pc.index_in(keys, value_set=self.columns["key"])
         if index.null_count:
             missing = pc.filter(keys, pc.is_null(index))[0].as_py()
             raise ValueError(f"{self.path}: no score row for key {missing!r} (and {index.null_count - 1} more)")
-        return {name: self.columns[name].take(index) for name in SCORE_COLUMNS}
+        return {name: self.columns[name].take(index) for name in self.names}
 
     def by_key(self) -> dict[str, dict[str, float | None]]:
         """Key -> {score column: value} for the whole shard."""
-        values = {name: self.columns[name].to_pylist() for name in SCORE_COLUMNS}
-        return {key: {name: values[name][i] for name in SCORE_COLUMNS}
+        values = {name: self.columns[name].to_pylist() for name in self.names}
+        return {key: {name: values[name][i] for name in self.names}
                 for i, key in enumerate(self.columns["key"].to_pylist())}
 
 

@@ -51,9 +51,9 @@ def iter_samples(path: str, limit: int | None = None) -> Iterator[dict]:
 
 # --- export for standard CLIP trainers --------------------------------------------------------------------
 # open_clip's trainer (and DataComp's) read the caption from the `txt` member only, so the export puts the
-# chosen caption there and keeps both captions beside it under their own names.
+# chosen caption there and keeps every caption beside it under its own name.
 
-TEXT_CHOICES = ("re_caption", "org_caption", "mix")
+TEXT_CHOICES = ("re_caption", "org_caption", "mix")   # and any other caption column of the version's set
 # Recap-DataComp-1B (arXiv:2406.08478, Sec. 5; project page "Recap-CLIP Results") trains CLIP on a
 # per-sample mix of recaptions and web captions and sets the mixing ratio p to 0.8; we read p as the
 # share of samples whose text is the recaption.
@@ -64,7 +64,7 @@ SIZES = "sizes.json"         # samples per tar: open_clip_train reads it when --
 
 @dataclass(frozen=True)
 class WdsExportConfig:
-    text: str = "re_caption"          # what `txt` holds: re_caption, org_caption, or mix (per sample)
+    text: str = "re_caption"          # what `txt` holds: a caption column, org_caption, or mix (per sample)
     mix_ratio: float = RECAP_MIX_RATIO  # mix: the probability that a sample's `txt` is its recaption
     seed: int = 0                     # mix: the choice is a hash of (seed, key): the same on every export
     fingerprint: str | None = None    # the output version to export (default: the current one)
@@ -75,8 +75,6 @@ class WdsExportConfig:
     allow_incomplete: bool = False    # export a version that is neither complete nor current
 
     def __post_init__(self) -> None:
-        if self.text not in TEXT_CHOICES:
-            raise ValueError(f"text {self.text!r}: choose one of {', '.join(TEXT_CHOICES)}")
         if not 0.0 <= self.mix_ratio <= 1.0:
             raise ValueError(f"mix ratio {self.mix_ratio}: a probability in [0, 1]")
 
@@ -88,19 +86,21 @@ def takes_recaption(key: str, mix_ratio: float, seed: int = 0) -> bool:
 
 
 def chosen_caption(key: str, config: WdsExportConfig) -> str:
-    """Which caption goes to `txt`: 're_caption' or 'org_caption'."""
+    """Which caption goes to `txt`: a caption column or 'org_caption'."""
     if config.text == "mix":
         return "re_caption" if takes_recaption(key, config.mix_ratio, config.seed) else "org_caption"
     return config.text
 
 
-def export_sample(sample: dict, config: WdsExportConfig, scores: dict[str, float | None] | None) -> dict:
-    """One exported sample: the image, `txt`, both captions by name, and the json with what `txt` holds."""
-    captions = {"re_caption": sample["re_caption.txt"], "org_caption": sample["txt"]}
+def export_sample(sample: dict, config: WdsExportConfig, scores: dict[str, float | None] | None,
+                  columns: tuple[str, ...] = ("re_caption",)) -> dict:
+    """One exported sample: the image, `txt`, every caption by name (`{column}.txt`, `org_caption.txt`), and the
+    json with what `txt` holds."""
+    captions = {**{c: sample[f"{c}.txt"] for c in columns}, "org_caption": sample["txt"]}
     choice = chosen_caption(sample["key"], config)
     meta = {**json.loads(sample.get("json") or b"{}"), "caption": choice, **(scores or {})}
     return {"__key__": sample["key"], sample["image_ext"]: sample["image"], "txt": captions[choice],
-            "re_caption.txt": captions["re_caption"], "org_caption.txt": captions["org_caption"],
+            **{f"{name}.txt": text for name, text in captions.items()},
             "json": json.dumps(meta, sort_keys=True).encode()}
 
 
@@ -116,6 +116,10 @@ def export_wds(input_dir: str, dest: str, config: WdsExportConfig | None = None,
     config = dataclasses.replace(config or WdsExportConfig(), **overrides)
     run = outputs.load_finished(input_dir, config.fingerprint)
     check_version(run, config.allow_incomplete)
+    columns = outputs.caption_columns(run.caption_config)
+    if config.text not in (*columns, "org_caption", "mix"):
+        raise ValueError(f"--text {config.text!r}: choose a caption column of this version ({', '.join(columns)}), "
+                         "org_caption or mix")
     shards = [ledger["shard"] for ledger in run.ledgers if ledger["ok"]]
     if not shards:
         raise ValueError(f"{input_dir}: no committed shard with ok samples to export")
@@ -148,7 +152,7 @@ def export_wds(input_dir: str, dest: str, config: WdsExportConfig | None = None,
                 for sample in iter_samples(run.wds(shard)):
                     if found and sample["key"] not in shard_scores:
                         raise ValueError(f"{run.wds(shard)}: no score row for key {sample['key']!r}")
-                    exported = export_sample(sample, config, shard_scores.get(sample["key"]))
+                    exported = export_sample(sample, config, shard_scores.get(sample["key"]), columns)
                     recaptions += exported["txt"] == exported["re_caption.txt"]
                     tar.write(exported)
                     count += 1

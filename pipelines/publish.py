@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                  "destination's name)")
     t.add_argument("--license", default=PublishConfig.license_id, help="license in the card")
     w = p.add_argument_group("wds")
-    w.add_argument("--text", choices=TEXT_CHOICES, default=WdsExportConfig.text,
-                   help="what `txt` holds: the recaption, the web caption, or Recap-DataComp-1B's per-sample mix")
+    w.add_argument("--text", default=WdsExportConfig.text, metavar="|".join((*TEXT_CHOICES, "COLUMN")),
+                   help="what `txt` holds: the recaption, the web caption, Recap-DataComp-1B's per-sample mix of the "
+                        "two, or another caption column of the version's caption set (--captions)")
     w.add_argument("--mix-ratio", type=float, default=WdsExportConfig.mix_ratio,
                    help="--text mix: probability that a sample's txt is its recaption (Recap-CLIP: 0.8)")
     w.add_argument("--seed", type=int, default=WdsExportConfig.seed,

@@ -4,6 +4,7 @@
       --output s3://b/recap --model ORG/llava-llama-3-8b-hqedit-hf    # Recap-DataComp-1B's captioner, converted
   python pipelines/recaption.py --input shards/ --output out/ --model MODEL   # local Ray instance
   python pipelines/recaption.py ... --plan --gpu-hour-price 2.5               # sample run + cost, writes nothing
+  python pipelines/recaption.py ... --captions recaption/caption_sets/recap_v1_v2.toml   # v1 and v2, one pass
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 from dataset import reader
 from dataset.images import ImageConfig
 from dataset.logs import one_line_errors
+from recaption.captions import load_caption_set
 from recaption.engines import EngineConfig, SamplingConfig
 from recaption.job import CaptionJob
 from recaption.prompt import load_prompt
@@ -50,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "instantly (measures the data plane)")
     m.add_argument("--prompt", help="instruction text or a file holding it; may use {org_caption}. "
                                     "Default: Recap-DataComp-1B's detailed-caption prompt")
+    m.add_argument("--captions", metavar="FILE",
+                   help="a caption set (TOML, or JSON): several caption columns per image in one pass, each with "
+                        "its prompt, sampling and max tokens (recaption/captions.py), e.g. "
+                        "recaption/caption_sets/recap_v1_v2.toml. Default: re_caption alone, from --prompt and the "
+                        "sampling flags, which a set replaces")
     m.add_argument("--chat-template", default=EngineConfig.chat_template,
                    help="the captioner's conversation format: conv_llama3, llava_llama_3, none or 'system:TEXT' "
                         "(recaption/prompt.py; LLaMA-3 tokenizers only). Default: the model folder's own")
@@ -106,7 +113,11 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                           engine_kwargs=a.engine_kwargs, chat_template=a.chat_template)
     sampling = SamplingConfig(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                               seed=a.seed)
-    job = CaptionJob(engine, sampling, prompt=load_prompt(a.prompt),
+    captions = load_caption_set(a.captions) if a.captions else ()
+    if captions and (a.prompt or sampling != SamplingConfig()):
+        raise ValueError("--captions names each column's prompt and sampling: drop --prompt, --max-tokens, "
+                         "--temperature, --top-k, --top-p and --seed")
+    job = CaptionJob(engine, sampling, prompt=load_prompt(a.prompt), captions=captions,
                      image=ImageConfig(max_side=a.max_side, max_pixels=a.max_pixels, min_side=a.min_image_side,
                                        max_aspect_ratio=a.max_aspect_ratio),
                      limits=reader.limits_from_args(a), write_wds=not a.no_wds, window=a.window)

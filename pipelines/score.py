@@ -1,4 +1,4 @@
-"""CLIP-score a recaption output: for every ok row, the cosine of the image with `re_caption` and `org_caption`.
+"""CLIP-score a recaption output: for every ok row, the cosine of the image with each caption and `org_caption`.
 
   python pipelines/score.py --input OUT --clip-model ViT-L-14 --pretrained datacomp_xl_s13b_b90k
   python pipelines/score.py --input OUT --clip-model hf-hub:apple/DFN5B-CLIP-ViT-H-14
@@ -6,7 +6,8 @@
 
 Scores go to OUT/clip_scores/ (one Parquet file per shard, keyed by `key`, committed through its own
 ledgers and claims), so a rerun scores only what is missing, and a shard re-captioned with
---retry-errors is scored again. `pipelines/publish.py` joins them as `re_clip_score` and `org_clip_score`.
+--retry-errors is scored again. `pipelines/publish.py` joins them as `re_clip_score` and `org_clip_score`, and
+`{column}_clip_score` for each other column of a caption set (--captions).
 Texts are cut to the model's context by its own tokenizer. The workers, scheduling and claim flags are the
 recaption job's (the same runner).
 """

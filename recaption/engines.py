@@ -120,8 +120,9 @@ class CaptionEngine(Protocol):
     processor: object
     concurrency: int   # requests the engine runs at once; more than this are queued inside it
 
-    def add(self, request_id: str, prompt: str, image: Image.Image) -> None:
-        """Queue one request; raises RequestRejected if the engine refuses it. Any other error: engine dead."""
+    def add(self, request_id: str, prompt: str, image: Image.Image, sampling: SamplingConfig | None = None) -> None:
+        """Queue one request (`sampling`: its own, else the engine's); raises RequestRejected if the engine refuses
+        it. Any other error: engine dead."""
 
     def step(self) -> list[tuple[str, Result]]:
         """Advance the engine; the requests that finished. Any exception means the engine is dead."""
@@ -132,7 +133,8 @@ class CaptionEngine(Protocol):
 
     def close(self) -> None: ...
 
-    def generate(self, prompts: list[str], images: list[Image.Image]) -> list[Generation]: ...
+    def generate(self, prompts: list[str], images: list[Image.Image],
+                 sampling: list[SamplingConfig] | None = None) -> list[Generation]: ...
 
 
 def load_processor(config: EngineConfig):
@@ -146,13 +148,16 @@ def load_processor(config: EngineConfig):
 class StreamingEngine:
     """`generate` over add/step, for tests and benchmarks; the worker streams instead."""
 
-    def generate(self, prompts: list[str], images: list[Image.Image]) -> list[Generation]:
-        """One generation per (prompt, image) pair, in order; raises the first RequestRejected, if any."""
+    def generate(self, prompts: list[str], images: list[Image.Image],
+                 sampling: list[SamplingConfig] | None = None) -> list[Generation]:
+        """One generation per (prompt, image) pair, in order, under the engine's sampling or each pair's own;
+        raises the first RequestRejected, if any."""
         results: dict[str, Result] = {}
         ids = [f"generate-{i}" for i in range(len(prompts))]
-        for request_id, prompt, image in zip(ids, prompts, images):
+        each: list[SamplingConfig | None] = list(sampling) if sampling else [None] * len(prompts)
+        for request_id, prompt, image, own in zip(ids, prompts, images, each):
             try:
-                self.add(request_id, prompt, image)
+                self.add(request_id, prompt, image, own)
             except RequestRejected as e:
                 results[request_id] = e
         while self.num_unfinished():
@@ -210,15 +215,20 @@ class VllmEngine(StreamingEngine):
         self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
         self.concurrency = self.engine.vllm_config.scheduler_config.max_num_seqs
         self.dead_errors = (EngineDeadError,)
+        self.sampling_params, self.final_only = SamplingParams, RequestOutputKind.FINAL_ONLY
+        self.params = self._params(sampling)
+
+    def _params(self, sampling: SamplingConfig):
         # FINAL_ONLY: step() reports a request once, when it is done (no per-token outputs to skip).
-        self.params = SamplingParams(
+        return self.sampling_params(
             max_tokens=sampling.max_tokens, temperature=sampling.temperature,
             top_k=sampling.top_k if sampling.top_k > 0 else -1, top_p=sampling.top_p, seed=sampling.seed,
-            output_kind=RequestOutputKind.FINAL_ONLY)
+            output_kind=self.final_only)
 
-    def add(self, request_id: str, prompt: str, image: Image.Image) -> None:
+    def add(self, request_id: str, prompt: str, image: Image.Image, sampling: SamplingConfig | None = None) -> None:
+        params = self.params if sampling is None else self._params(sampling)
         try:
-            self.engine.add_request(request_id, {"prompt": prompt, "multi_modal_data": {"image": image}}, self.params)
+            self.engine.add_request(request_id, {"prompt": prompt, "multi_modal_data": {"image": image}}, params)
         except self.dead_errors:
             raise
         except Exception as e:  # input validation and processing refuse this one request only
@@ -268,7 +278,7 @@ class TransformersEngine(StreamingEngine):
         self.concurrency = config.batch_size
         self.max_model_len = config.max_model_len
         self.eos_ids = self._eos_ids()
-        self.queue: list[tuple[str, str, Image.Image, int]] = []   # id, prompt, image, prompt tokens
+        self.queue: list[tuple[str, str, Image.Image, int, SamplingConfig]] = []   # id, prompt, image, tokens, sampling
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -277,7 +287,7 @@ class TransformersEngine(StreamingEngine):
             ids.add(self.processor.tokenizer.eos_token_id)
         return ids
 
-    def add(self, request_id: str, prompt: str, image: Image.Image) -> None:
+    def add(self, request_id: str, prompt: str, image: Image.Image, sampling: SamplingConfig | None = None) -> None:
         """Process the pair alone first, so a bad one is refused here and never fails a batch."""
         try:
             length = self.processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
@@ -286,13 +296,17 @@ class TransformersEngine(StreamingEngine):
         if length > self.max_model_len:
             raise RequestRejected(f"the prompt has {length} tokens (image included), more than the "
                                   f"context length {self.max_model_len}")
-        self.queue.append((request_id, prompt, image, length))
+        self.queue.append((request_id, prompt, image, length, sampling or self.sampling))
 
     def step(self) -> list[tuple[str, Result]]:
-        batch, self.queue = self.queue[:self.concurrency], self.queue[self.concurrency:]
-        if not batch:
+        """One batch: the queued requests of the first one's sampling (a sampled request alone, under its seed)."""
+        if not self.queue:
             return []
-        s = self.sampling
+        s = self.queue[0][4]
+        size = 1 if s.temperature > 0 else self.concurrency
+        batch = [b for b in self.queue if b[4] == s][:size]
+        taken = {b[0] for b in batch}
+        self.queue = [b for b in self.queue if b[0] not in taken]
         inputs = self.processor(images=[b[2] for b in batch], text=[b[1] for b in batch], padding=True,
                                 return_tensors="pt")
         kwargs = dict(max_new_tokens=min(s.max_tokens, self.max_model_len - min(b[3] for b in batch)),
@@ -342,7 +356,7 @@ class NullEngine(StreamingEngine):
         self.step_seconds = float(config.engine_kwargs.get("step_seconds", 0.0))
         self.queue: list[str] = []
 
-    def add(self, request_id: str, prompt: str, image: Image.Image) -> None:
+    def add(self, request_id: str, prompt: str, image: Image.Image, sampling: SamplingConfig | None = None) -> None:
         self.queue.append(request_id)
 
     def step(self) -> list[tuple[str, Result]]:

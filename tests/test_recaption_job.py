@@ -213,3 +213,30 @@ def test_storage_that_ignores_conditional_writes_is_refused(tmp_path, tiny_model
     assert not storage.exists(f"{out}/_job.json")
 
     assert run_job(str(tmp_path / "in"), out, tiny_model, "--single-writer") == 0
+
+
+def test_a_caption_set_writes_every_column_once_per_row_and_another_set_is_another_version(tmp_path, tiny_model,
+                                                                                           local_ray):
+    infos = write_shards(tmp_path / "in", shards=2, per_shard=6)
+    out = str(tmp_path / "out")
+    ready = str(ROOT / "recaption" / "caption_sets" / "recap_v1_v2.toml")
+
+    assert run_job(str(tmp_path / "in"), out, tiny_model, "--captions", ready) == 0
+
+    assert sorted(committed.keys(out)) == input_keys(infos)
+    rows = [r for shard in ("00000", "00001") for r in committed.rows(out, shard)]
+    assert all(r["status"] == "ok" and r["re_caption"] and r["re_caption_v2"] and r["caption_errors"] is None
+               for r in rows)
+    run = json.loads(Path(out, "_run.json").read_text())
+    assert [c["name"] for c in run["caption_config"]["captions"]] == ["re_caption", "re_caption_v2"]
+    assert run["rows"]["ok"] == len(rows)
+    samples = list(iter_samples(committed.files(out, "00000")["wds"]))
+    assert len(samples) == 6 and all(s["re_caption_v2.txt"] and s["re_caption.txt"] for s in samples)
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"caption": [{"name": "re_caption"},
+                                             {"name": "re_caption_v2", "prompt": "Caption: {org_caption}"}]}))
+    assert run_job(str(tmp_path / "in"), out, tiny_model, "--captions", str(other)) == 2, "another set"
+    assert run_job(str(tmp_path / "in"), out, tiny_model) == 2, "the default set is another set too"
+    assert run_job(str(tmp_path / "in"), out, tiny_model, "--captions", str(other), "--new-version") == 0
+    assert Output.open(out).caption_config["captions"][1]["prompt"] == "Caption: {org_caption}"

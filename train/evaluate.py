@@ -1,6 +1,8 @@
 """Evaluate an encoder: zero-shot classification on an ImageFolder tree and image-text retrieval
 (R@1/5/10 both ways) for models with a text tower; k-NN and linear-probe classification on
-ImageFolder train/val trees for any encoder (OpenVision 2 has no text tower)."""
+ImageFolder train/val trees for any encoder (OpenVision 2 has no text tower); the caption
+decoder's teacher-forced token accuracy on recaption shards, beside the same with every image
+zeroed (the control that says how much of it the image carries)."""
 from __future__ import annotations
 
 import io
@@ -18,7 +20,7 @@ from torchvision.datasets import ImageFolder
 
 from train import checkpoint
 from train.data import eval_transform, expand_urls, image_bytes, read_shards, text_field
-from train.model import CLIPS, build_model, config_from_dict
+from train.model import CLIPS, build_model, config_from_dict, random_keep
 from train.tokenizer import CaptionTokenizer
 
 Template = Callable[[str], str]
@@ -107,6 +109,37 @@ class Evaluator:
             "images": sim.shape[0], "captions": sim.shape[1],
         }
 
+
+    @torch.no_grad()
+    def captioning(self, shards: str, seed: int = 0) -> dict[str, float]:
+        """Teacher-forced token accuracy of the caption decoder on `shards` (the training format: image,
+        web caption `.txt`, recaption `.re_caption.txt`), with the images and with every image zeroed
+        (the normalised mean image: one input for all, so the decoder can use only its text). The
+        decoder's inputs are the training ones at the evaluation resolution: OpenVision 1 sees the web
+        caption in its prefix; OpenVision 2 a seeded random `keep_ratio` share of the patches."""
+        cfg, transform = self.model.cfg, eval_transform(self.image_size)
+        samples = [(data, text_field(s, "txt"), text_field(s, "re_caption.txt"))
+                   for s in read_shards(expand_urls(shards)) if (data := image_bytes(s)) is not None]
+        generator = torch.Generator().manual_seed(seed)
+        totals = {"correct": 0, "zero_images_correct": 0, "tokens": 0}
+        for i in range(0, len(samples), self.batch_size):
+            chunk = samples[i:i + self.batch_size]
+            images = torch.stack([transform(Image.open(io.BytesIO(d))) for d, _, _ in chunk]).to(self.device)
+            captions = self.tokenizer.encode([r for _, _, r in chunk], cfg.caption_length, append_cls=False)
+            texts = keep = None
+            if cfg.has_text_tower:
+                texts = self.tokenizer.encode([w for _, w, _ in chunk], cfg.context_length).to(self.device)
+            else:
+                patches = (self.image_size // cfg.patch_size) ** 2
+                keep = random_keep(len(chunk), patches, cfg.kept_tokens(patches), generator=generator).to(self.device)
+            for name, pixels in (("correct", images), ("zero_images_correct", torch.zeros_like(images))):
+                out = self.model(pixels, captions.to(self.device), texts=texts, keep=keep)
+                totals[name] += int(out["caption_correct"])
+            totals["tokens"] += int(out["caption_tokens"])
+        tokens = max(totals["tokens"], 1)
+        return {"token_acc": totals["correct"] / tokens,
+                "zero_images_token_acc": totals["zero_images_correct"] / tokens,
+                "tokens": totals["tokens"], "images": len(samples)}
 
     def probe(self, train_folder: str | Path, val_folder: str | Path, k: int = 20, temperature: float = 0.07,
               weight_decay: float = 1e-4) -> dict[str, float]:
@@ -209,9 +242,11 @@ def templates_from(path: str | None) -> tuple[Template, ...]:
 def evaluate(ckpt: str | Path, *, zeroshot: str | None = None, classnames: str | None = None,
              templates: str | None = None, retrieval: str | None = None, retrieval_images: str | None = None,
              split: str = "test", probe_train: str | None = None, probe_val: str | None = None,
+             captioning: str | None = None,
              image_size: int | None = None, device: str = "cpu", batch_size: int = Evaluator.batch_size,
              workers: int = Evaluator.workers) -> dict:
-    """Run the requested evaluations; returns {"zeroshot": {...}, "retrieval": {...}, "probe": {...}}."""
+    """Run the requested evaluations; returns {"zeroshot": {...}, "retrieval": {...}, "probe": {...},
+    "captioning": {...}}."""
     ev = Evaluator.from_checkpoint(ckpt, device, image_size, batch_size=batch_size, workers=workers)
     results: dict = {"checkpoint": str(ckpt), "image_size": ev.image_size}
     if zeroshot:
@@ -220,4 +255,6 @@ def evaluate(ckpt: str | Path, *, zeroshot: str | None = None, classnames: str |
         results["retrieval"] = ev.retrieval(*load_retrieval_set(retrieval, retrieval_images, split))
     if probe_train and probe_val:
         results["probe"] = ev.probe(probe_train, probe_val)
+    if captioning:
+        results["captioning"] = ev.captioning(captioning)
     return results

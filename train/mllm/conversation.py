@@ -48,6 +48,10 @@ class ConversationError(ValueError):
     """A sample that cannot be turned into ids and labels (the message says why)."""
 
 
+class TooLong(ConversationError):
+    """A sample whose image or every answer lies beyond the length limit."""
+
+
 @dataclass
 class Encoded:
     ids: list[int]  # IMAGE_ID where the image goes
@@ -143,8 +147,8 @@ def fit(sample: Encoded, max_length: int, image_tokens: int) -> Encoded:
     if len(sample.ids) <= keep:
         return sample
     if sample.has_image and sample.ids.index(IMAGE_ID) >= keep:
-        raise ConversationError(f"the image does not fit in max_length {max_length}")
+        raise TooLong(f"the image does not fit in max_length {max_length}")
     cut = Encoded(sample.ids[:keep], sample.labels[:keep])
     if all(label == IGNORE for label in cut.labels):
-        raise ConversationError(f"no answer token left within max_length {max_length}")
+        raise TooLong(f"no answer token left within max_length {max_length}")
     return cut

@@ -63,8 +63,9 @@ def test_recaption_shards_give_image_caption_pairs(tmp_path: Path, tok) -> None:
     assert sorted(keys) == sorted(k for info in infos for k in info["labels"])
     example = next(iter(stream(source, tok, template="plain")))
     caption = [t for t, label in zip(example.ids, example.labels) if label != IGNORE]
-    assert example.ids[:2] == [tok.bos_token_id, IMAGE_ID] and caption[-1] == tok.eos_token_id
-    assert tok.decode(caption[:-1]).startswith(("The image shows", "A single", "This is a simple"))
+    assert example.ids[:2] == [tok.bos_token_id, IMAGE_ID] and caption == example.ids[2:]
+    assert tok.decode(caption).startswith(("The image shows", "A single", "This is a simple"))
+    assert tok.decode(caption).endswith(".\n")  # LLaVA's plain template closes the caption with "\n"
     _, turns, _ = next(WdsCaptions(str(tmp_path / "*.tar"), prompt="Describe it.").records(0, 0, 0, 1))
     assert turns[0] == {"from": "human", "value": "<image>\nDescribe it."}
 

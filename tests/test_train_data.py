@@ -206,3 +206,20 @@ def test_karpathy_json_retrieval_set(tmp_path: Path) -> None:
     images, captions, owner = load_retrieval_set(str(tmp_path / "karpathy.json"))
     assert [p.name for p in images] == ["a.jpg", "c.jpg"]
     assert captions == ["one", "two", "four"] and owner == [0, 0, 1]
+
+
+def test_knn_in_chunks_equals_the_whole_similarity_matrix() -> None:
+    """k-NN's blockwise running top-k gives the votes of the full validation x train matrix."""
+    import torch.nn.functional as F
+
+    from train.evaluate import knn_accuracy
+
+    torch.manual_seed(0)
+    train_x, val_x = F.normalize(torch.randn(300, 16), dim=1), F.normalize(torch.randn(50, 16), dim=1)
+    train_y, val_y = torch.randint(0, 5, (300,)), torch.randint(0, 5, (50,))
+    sim, idx = (val_x @ train_x.T).topk(20, dim=1)  # the whole matrix at once, as before chunking
+    votes = torch.zeros(50, 5).scatter_add_(1, train_y[idx], (sim / 0.07).exp())
+    whole = int((votes.argmax(dim=1) == val_y).sum()) / 50
+    assert 0.1 < whole < 0.5  # random labels: a vote that is not all one class
+    for chunk in (7, 20, 64, 10_000):  # blocks smaller than k, equal to it, uneven, and one block
+        assert knn_accuracy(train_x, train_y, val_x, val_y, 5, 20, 0.07, chunk=chunk) == whole

@@ -158,11 +158,27 @@ class Evaluator:
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-                 classes: int, k: int, temperature: float) -> float:
-    """Each validation image votes with its k most similar training images, weighted exp(sim / T)."""
-    sim, idx = (val_x @ train_x.T).topk(min(k, len(train_x)), dim=1)
-    votes = torch.zeros(len(val_x), classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
-    return (votes.argmax(dim=1) == val_y).float().mean().item()
+                 classes: int, k: int, temperature: float, chunk: int = 4096) -> float:
+    """Each validation image votes with its k most similar training images, weighted exp(sim / T).
+
+    Similarities are taken `chunk` validation x `chunk` training images at a time, the running top k
+    merged after each block, so memory does not grow with the training set (ImageNet's full
+    50k x 1.28M matrix would be ~256 GB)."""
+    k = min(k, len(train_x))
+    correct = 0
+    for v in range(0, len(val_x), chunk):
+        queries = val_x[v:v + chunk]
+        best = queries.new_full((len(queries), 0), float("-inf"))
+        best_idx = torch.zeros(len(queries), 0, dtype=torch.long)
+        for t in range(0, len(train_x), chunk):
+            sim = queries @ train_x[t:t + chunk].T
+            merged = torch.cat([best, sim], dim=1)
+            merged_idx = torch.cat([best_idx, torch.arange(t, t + sim.shape[1]).expand(len(queries), -1)], dim=1)
+            best, pick = merged.topk(min(k, merged.shape[1]), dim=1)
+            best_idx = merged_idx.gather(1, pick)
+        votes = torch.zeros(len(queries), classes).scatter_add_(1, train_y[best_idx], (best / temperature).exp())
+        correct += int((votes.argmax(dim=1) == val_y[v:v + chunk]).sum())
+    return correct / len(val_x)
 
 
 def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,

@@ -223,3 +223,25 @@ def test_knn_in_chunks_equals_the_whole_similarity_matrix() -> None:
     assert 0.1 < whole < 0.5  # random labels: a vote that is not all one class
     for chunk in (7, 20, 64, 10_000):  # blocks smaller than k, equal to it, uneven, and one block
         assert knn_accuracy(train_x, train_y, val_x, val_y, 5, 20, 0.07, chunk=chunk) == whole
+
+
+def test_linear_probe_regulariser_is_chosen_on_held_out_training_features() -> None:
+    """The sweep scores each L2 weight on a held-out fifth of the training features (never the validation
+    set) and keeps the best: one that smothers the signal loses, whichever order the grid is in."""
+    from train.evaluate import choose_weight_decay, linear_probe_accuracy
+
+    def features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """300 dimensions, each weakly informative: many small weights generalise, a crushed probe does not."""
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 2, (n,), generator=g)
+        return (y.float() * 2 - 1)[:, None] * 0.15 + torch.randn(n, 300, generator=g), y
+
+    x, y = features(60, 0)
+    for grid in ((1e-4, 10.0), (10.0, 1e-4)):
+        assert choose_weight_decay(x, y, 2, grid) == 1e-4
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(0))  # the documented seeded 80/20 split
+    fit, rest = order[:48], order[48:]
+    held_out = {wd: linear_probe_accuracy(x[fit], y[fit], x[rest], y[rest], 2, wd) for wd in (1e-4, 10.0)}
+    assert held_out[1e-4] > held_out[10.0]
+    val_x, val_y = features(1000, 1)
+    assert linear_probe_accuracy(x, y, val_x, val_y, 2, 1e-4) > linear_probe_accuracy(x, y, val_x, val_y, 2, 10.0) + 0.2

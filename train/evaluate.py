@@ -27,6 +27,7 @@ Template = Callable[[str], str]
 # CLIP's 80 ImageNet prompts (Radford et al. 2021, as open_clip ships them) and the bare class name.
 ZEROSHOT_TEMPLATES: tuple[Template, ...] = (*OPENAI_IMAGENET_TEMPLATES, lambda c: c)
 CLASSNAME_SETS = {"imagenet": IMAGENET_CLASSNAMES}
+PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the linear probe's L2 weights, swept
 
 
 @dataclass
@@ -142,9 +143,11 @@ class Evaluator:
                 "tokens": totals["tokens"], "images": len(samples)}
 
     def probe(self, train_folder: str | Path, val_folder: str | Path, k: int = 20, temperature: float = 0.07,
-              weight_decay: float = 1e-4) -> dict[str, float]:
+              weight_decays: Sequence[float] = PROBE_WEIGHT_DECAYS) -> dict[str, float]:
         """k-NN (DINO's weighted vote, arXiv:2104.14294) and a linear probe (multinomial logistic
-        regression, L-BFGS) on the pooled, normalised image features of two ImageFolder trees."""
+        regression, L-BFGS; its L2 weight chosen from `weight_decays` on a held-out share of the
+        training images, never on the validation tree) on the pooled, normalised image features of
+        two ImageFolder trees."""
         transform = eval_transform(self.image_size)
         train_set, val_set = ImageFolder(str(train_folder), transform), ImageFolder(str(val_folder), transform)
         if train_set.classes != val_set.classes:
@@ -152,8 +155,10 @@ class Evaluator:
         train_x, train_y = (t.cpu() for t in self.encode_images(train_set))  # small: fit on the CPU
         val_x, val_y = (t.cpu() for t in self.encode_images(val_set))
         classes = len(train_set.classes)
+        weight_decay = choose_weight_decay(train_x, train_y, classes, weight_decays)
         return {"knn_top1": knn_accuracy(train_x, train_y, val_x, val_y, classes, k, temperature),
                 "linear_top1": linear_probe_accuracy(train_x, train_y, val_x, val_y, classes, weight_decay),
+                "linear_weight_decay": weight_decay,
                 "train_images": len(train_set), "val_images": len(val_set), "classes": classes}
 
 
@@ -179,6 +184,18 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
         votes = torch.zeros(len(queries), classes).scatter_add_(1, train_y[best_idx], (best / temperature).exp())
         correct += int((votes.argmax(dim=1) == val_y[v:v + chunk]).sum())
     return correct / len(val_x)
+
+
+def choose_weight_decay(train_x: torch.Tensor, train_y: torch.Tensor, classes: int, grid: Sequence[float],
+                        held_out: float = 0.2, seed: int = 0) -> float:
+    """The grid value whose probe, fit on a seeded (1 - held_out) share of the training features, scores
+    best on the rest (the smallest such value on ties)."""
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(len(order) * (1 - held_out)))
+    fit, rest = order[:cut], order[cut:]
+    scores = [linear_probe_accuracy(train_x[fit], train_y[fit], train_x[rest], train_y[rest], classes, wd)
+              for wd in sorted(grid)]
+    return sorted(grid)[scores.index(max(scores))]
 
 
 def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,

@@ -231,10 +231,10 @@ def test_linear_probe_regulariser_is_chosen_on_held_out_training_features() -> N
     from train.evaluate import choose_weight_decay, linear_probe_accuracy
 
     def features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """300 dimensions, each weakly informative: many small weights generalise, a crushed probe does not."""
+        """150 dimensions, each weakly informative: many small weights generalise, a crushed probe does not."""
         g = torch.Generator().manual_seed(seed)
         y = torch.randint(0, 2, (n,), generator=g)
-        return (y.float() * 2 - 1)[:, None] * 0.15 + torch.randn(n, 300, generator=g), y
+        return (y.float() * 2 - 1)[:, None] * 0.2 + torch.randn(n, 150, generator=g), y
 
     x, y = features(60, 0)
     for grid in ((1e-4, 10.0), (10.0, 1e-4)):
@@ -243,5 +243,5 @@ def test_linear_probe_regulariser_is_chosen_on_held_out_training_features() -> N
     fit, rest = order[:48], order[48:]
     held_out = {wd: linear_probe_accuracy(x[fit], y[fit], x[rest], y[rest], 2, wd) for wd in (1e-4, 10.0)}
     assert held_out[1e-4] > held_out[10.0]
-    val_x, val_y = features(1000, 1)
+    val_x, val_y = features(400, 1)
     assert linear_probe_accuracy(x, y, val_x, val_y, 2, 1e-4) > linear_probe_accuracy(x, y, val_x, val_y, 2, 10.0) + 0.2

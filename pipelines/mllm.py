@@ -61,14 +61,19 @@ def add_stage_args(p: argparse.ArgumentParser, D: StageConfig) -> None:
         p.add_argument("--tower-lr", type=float, help="also train the tower, at this peak LR (default: frozen)")
     p.add_argument("--epochs", type=float, default=D.epochs)
     p.add_argument("--samples", type=int, help="wds: samples per epoch (default: counted from local shards)")
-    p.add_argument("--caption-field", default=D.caption_field, help="wds caption used as the target "
-                                                                     "(re_caption, or txt for the web caption)")
+    p.add_argument("--caption-field", default=D.caption_field,
+                   help="wds: the member {key}.FIELD that is the target: re_caption.txt (the recaption) or txt "
+                        "(the web caption) (default: %(default)s)")
     p.add_argument("--caption-prompt", default=D.caption_prompt,
                    help="wds: the user's request after <image>, e.g. the recaptioning prompt (plain drops it)")
     p.add_argument("--warmup-ratio", type=float, default=D.warmup_ratio)
     p.add_argument("--weight-decay", type=float, default=D.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=D.max_grad_norm)
     p.add_argument("--max-length", type=int, default=D.max_length, help="tokens per sample, image tokens included")
+    p.add_argument("--max-bad-fraction", type=float, default=D.max_bad_fraction,
+                   help="unusable samples (no decodable image, empty caption, too long, malformed) are skipped and "
+                        "counted by reason (RUN/skipped.json); the run fails once they pass this share of the "
+                        "samples it trains on (default: %(default)s)")
     p.add_argument("--workers", type=int, default=D.workers, help="data-loader processes per training process")
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--fsdp", action="store_true", help="shard the model (fully_shard per LM decoder layer)")

@@ -1,4 +1,6 @@
-"""Conversations -> ids and labels: the loss mask covers the answers and their stop tokens only."""
+"""Conversations -> ids and labels as LLaVA's preprocess_v1 / preprocess_plain: the rendered conversation
+tokenised whole, the loss mask over the answers and their stop text only. Each test writes the LLaVA
+rendering out by hand, tokenises it and derives the mask from the rendered prefixes' token counts."""
 from __future__ import annotations
 
 import pytest
@@ -7,11 +9,14 @@ from train.mllm.conversation import (
     IGNORE,
     IMAGE,
     IMAGE_ID,
+    SYSTEM,
     TEMPLATES,
     ConversationError,
     Encoded,
+    Template,
     encode,
     fit,
+    stop_id,
 )
 from train.mllm.tiny import build_tokenizer
 
@@ -24,9 +29,46 @@ TWO_ROUNDS = [
 ]
 
 
+# Answers after the assistant tag in the corpus, so that " red" is one token as in real vocabularies.
+ANSWERS = (" ".join(f"ASSISTANT: {w}" for w in ("red", "a red circle", "a blue ring")),)
+
+
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer()
+    return build_tokenizer(extra_corpus=ANSWERS)
+
+
+def without_bos(tokenizer):
+    """The same vocabulary, with a tokenizer that adds no BOS (as Qwen's)."""
+    tokenizer.backend_tokenizer.post_processor = None
+    return tokenizer
+
+
+@pytest.fixture(scope="module", params=["BOS", "no BOS"])
+def any_tok(request):
+    """The tiny Llama's tokenizer (adds BOS, as Llama's) and one that adds none."""
+    tokenizer = build_tokenizer(extra_corpus=ANSWERS)
+    return tokenizer if request.param == "BOS" else without_bos(tokenizer)
+
+
+def llava_ids(tokenizer, text: str) -> list[int]:
+    """LLaVA's tokenizer_image_token on a text with one <image>: both halves tokenised by default, the
+    second without the BOS the tokenizer puts in front of it."""
+    before, after = text.split("<image>")
+    second = tokenizer(after)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return tokenizer(before)["input_ids"] + [IMAGE_ID] + (second[1:] if second[:1] == [bos] else second)
+
+
+def expected_labels(tokenizer, text: str, spans: list[tuple[str, str]]) -> list[int]:
+    """Labels from rendered prefixes: each (before, answer) pair labels the tokens of `answer` that follow
+    the tokens of the text up to `before`'s end."""
+    ids = llava_ids(tokenizer, text)
+    labels = [IGNORE] * len(ids)
+    for before, answer in spans:
+        start, end = len(llava_ids(tokenizer, before)), len(llava_ids(tokenizer, before + answer))
+        labels[start:end] = ids[start:end]
+    return labels
 
 
 def supervised_spans(sample: Encoded) -> list[list[int]]:
@@ -42,38 +84,52 @@ def supervised_spans(sample: Encoded) -> list[list[int]]:
     return spans + ([current] if current else [])
 
 
-def test_labels_are_the_answers_and_their_eos_over_two_rounds(tok) -> None:
+def test_vicuna_v1_ids_and_labels_as_llava(any_tok) -> None:
+    tok = any_tok
     sample = encode(TWO_ROUNDS, tok, VICUNA, has_image=True)
-    assert len(sample.ids) == len(sample.labels)
-    spans = supervised_spans(sample)
-    assert [tok.decode(s[:-1]) for s in spans] == ["red", "a red circle"]
-    assert all(s[-1] == tok.eos_token_id for s in spans)
-    # Supervised positions carry exactly the token that is there; all else is ignored.
-    for token, label in zip(sample.ids, sample.labels):
-        assert label in (IGNORE, token)
-    # The ids spell LLaVA-1.5's vicuna_v1 prompt with the image moved to the front.
-    before, after = sample.ids[1:sample.ids.index(IMAGE_ID)], sample.ids[sample.ids.index(IMAGE_ID) + 1:]
-    assert sample.ids[0] == tok.bos_token_id and sample.ids.count(IMAGE_ID) == 1
-    assert tok.decode(before) == VICUNA.system + "USER: "
-    assert tok.decode(after, skip_special_tokens=False) == (
-        "\nWhat color is the shape? ASSISTANT: red</s>USER: What shape is it? ASSISTANT: a red circle</s>")
+    # conv_vicuna_v1.get_prompt(): system, sep " ", "USER: " message sep " ", "ASSISTANT: " answer sep2 "</s>".
+    first = SYSTEM + " USER: <image>\nWhat color is the shape? ASSISTANT:"
+    second = first + " red</s>USER: What shape is it? ASSISTANT:"
+    text = second + " a red circle</s>"
+    assert sample.ids == llava_ids(tok, text)
+    assert sample.labels == expected_labels(tok, text, [(first, " red</s>"), (second, " a red circle</s>")])
+    # The answer's space is in its first token (LLaVA's [':', 'Ġred'], not [':', 'Ġ'] + ['red']).
+    answer = sample.labels.index(next(label for label in sample.labels if label != IGNORE))
+    assert tok.convert_ids_to_tokens(sample.ids[answer - 1:answer + 1]) == [":", "Ġred"]
+    assert [s[-1] for s in supervised_spans(sample)] == [tok.eos_token_id] * 2
+    # BOS only where the tokenizer adds one, and once.
+    assert sample.ids.count(tok.bos_token_id) == (1 if tok("x")["input_ids"][0] == tok.bos_token_id else 0)
 
 
-def test_generation_prompt_is_the_training_prefix(tok) -> None:
+def test_generation_prompt_is_the_training_prefix(any_tok) -> None:
     """Evaluation continues exactly the tokens training saw before the first answer."""
+    tok = any_tok
     sample = encode(TWO_ROUNDS, tok, VICUNA, has_image=True)
     prompt = encode(TWO_ROUNDS[:1], tok, VICUNA, has_image=True)
+    assert prompt.ids == llava_ids(tok, SYSTEM + " USER: <image>\nWhat color is the shape? ASSISTANT:")
     first_answer = sample.labels.index(next(label for label in sample.labels if label != IGNORE))
     assert prompt.ids == sample.ids[:first_answer]
     assert all(label == IGNORE for label in prompt.labels)
 
 
-def test_plain_template_keeps_only_image_and_caption(tok) -> None:
+def test_plain_template_is_llava_pretraining(any_tok) -> None:
+    """conv_llava_plain (sep "\\n") in preprocess_plain: "<image>" + caption + "\\n", the instruction dropped,
+    everything after the image labelled, no EOS."""
+    tok = any_tok
     turns = [{"from": "human", "value": "Describe the image.\n<image>"}, {"from": "gpt", "value": "a blue ring"}]
     sample = encode(turns, tok, TEMPLATES["plain"], has_image=True)
-    assert sample.ids[:2] == [tok.bos_token_id, IMAGE_ID]
-    assert tok.decode(sample.ids[2:], skip_special_tokens=False) == "a blue ring</s>"
-    assert sample.labels[:2] == [IGNORE, IGNORE] and sample.labels[2:] == sample.ids[2:]
+    text = "<image>a blue ring\n"
+    assert sample.ids == llava_ids(tok, text)
+    assert sample.labels == expected_labels(tok, text, [("<image>", "a blue ring\n")])
+    assert tok.eos_token_id not in sample.ids and sample.labels[sample.ids.index(IMAGE_ID)] == IGNORE
+    assert stop_id(tok, TEMPLATES["plain"]) == tok.convert_tokens_to_ids("Ċ") == sample.ids[-1]
+
+
+def test_an_answer_that_does_not_start_on_a_token_boundary_is_an_error(tok) -> None:
+    """LLaVA masks such a sample whole ("tokenization mismatch"); here it is an error the stream skips."""
+    glued = Template("", "USER: ", " AS")  # "...ASSISTANT" is one token; "AS" alone is two
+    with pytest.raises(ConversationError, match="tokenization mismatch"):
+        encode([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "SISTANT"}], tok, glued, has_image=False)
 
 
 @pytest.mark.parametrize("turns, has_image, reason", [

@@ -207,3 +207,17 @@ def test_text_only_batch_still_reaches_every_trainable_vision_parameter(parts) -
     (loss / count).backward()
     assert all(p.grad is not None and not p.grad.any() for p in model.projector.parameters())
     assert model.tower.vision.patch_embed.weight.grad is not None
+
+
+def test_a_continuation_is_scored_as_the_answer_training_tokenises(model, parts) -> None:
+    """loglikelihood scores the continuation tokenised with its prompt ("ASSISTANT:" then " red"), without a
+    stop token after it: the tokens training supervises for that answer."""
+    image = Image.open(next(parts["task"]["images"].iterdir()))
+    answerer = Answerer(model)
+    prompt, scored = answerer.prompt("What color is the shape?", image), answerer.prompt("What color is the shape?",
+                                                                                         image, "red")
+    trained = encode([{"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "red"}],
+                     model.tokenizer, model.template, has_image=True)
+    assert scored.ids == prompt.ids + scored.ids[len(prompt.ids):] == trained.ids[:-1]  # all but the stop token
+    assert scored.labels == [IGNORE] * len(prompt.ids) + trained.labels[len(prompt.ids):-1]
+    assert model.tokenizer.decode(scored.ids[len(prompt.ids):]) == " red"

@@ -206,3 +206,42 @@ def test_karpathy_json_retrieval_set(tmp_path: Path) -> None:
     images, captions, owner = load_retrieval_set(str(tmp_path / "karpathy.json"))
     assert [p.name for p in images] == ["a.jpg", "c.jpg"]
     assert captions == ["one", "two", "four"] and owner == [0, 0, 1]
+
+
+def test_knn_in_chunks_equals_the_whole_similarity_matrix() -> None:
+    """k-NN's blockwise running top-k gives the votes of the full validation x train matrix."""
+    import torch.nn.functional as F
+
+    from train.evaluate import knn_accuracy
+
+    torch.manual_seed(0)
+    train_x, val_x = F.normalize(torch.randn(300, 16), dim=1), F.normalize(torch.randn(50, 16), dim=1)
+    train_y, val_y = torch.randint(0, 5, (300,)), torch.randint(0, 5, (50,))
+    sim, idx = (val_x @ train_x.T).topk(20, dim=1)  # the whole matrix at once, as before chunking
+    votes = torch.zeros(50, 5).scatter_add_(1, train_y[idx], (sim / 0.07).exp())
+    whole = int((votes.argmax(dim=1) == val_y).sum()) / 50
+    assert 0.1 < whole < 0.5  # random labels: a vote that is not all one class
+    for chunk in (7, 20, 64, 10_000):  # blocks smaller than k, equal to it, uneven, and one block
+        assert knn_accuracy(train_x, train_y, val_x, val_y, 5, 20, 0.07, chunk=chunk) == whole
+
+
+def test_linear_probe_regulariser_is_chosen_on_held_out_training_features() -> None:
+    """The sweep scores each L2 weight on a held-out fifth of the training features (never the validation
+    set) and keeps the best: one that smothers the signal loses, whichever order the grid is in."""
+    from train.evaluate import choose_weight_decay, linear_probe_accuracy
+
+    def features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """150 dimensions, each weakly informative: many small weights generalise, a crushed probe does not."""
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 2, (n,), generator=g)
+        return (y.float() * 2 - 1)[:, None] * 0.2 + torch.randn(n, 150, generator=g), y
+
+    x, y = features(60, 0)
+    for grid in ((1e-4, 10.0), (10.0, 1e-4)):
+        assert choose_weight_decay(x, y, 2, grid) == 1e-4
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(0))  # the documented seeded 80/20 split
+    fit, rest = order[:48], order[48:]
+    held_out = {wd: linear_probe_accuracy(x[fit], y[fit], x[rest], y[rest], 2, wd) for wd in (1e-4, 10.0)}
+    assert held_out[1e-4] > held_out[10.0]
+    val_x, val_y = features(400, 1)
+    assert linear_probe_accuracy(x, y, val_x, val_y, 2, 1e-4) > linear_probe_accuracy(x, y, val_x, val_y, 2, 10.0) + 0.2

@@ -1,6 +1,8 @@
 """Evaluate an encoder: zero-shot classification on an ImageFolder tree and image-text retrieval
 (R@1/5/10 both ways) for models with a text tower; k-NN and linear-probe classification on
-ImageFolder train/val trees for any encoder (OpenVision 2 has no text tower)."""
+ImageFolder train/val trees for any encoder (OpenVision 2 has no text tower); the caption
+decoder's teacher-forced token accuracy on recaption shards, beside the same with every image
+zeroed (the control that says how much of it the image carries)."""
 from __future__ import annotations
 
 import io
@@ -18,13 +20,14 @@ from torchvision.datasets import ImageFolder
 
 from train import checkpoint
 from train.data import eval_transform, expand_urls, image_bytes, read_shards, text_field
-from train.model import CLIPS, build_model, config_from_dict
+from train.model import CLIPS, build_model, config_from_dict, random_keep
 from train.tokenizer import CaptionTokenizer
 
 Template = Callable[[str], str]
 # CLIP's 80 ImageNet prompts (Radford et al. 2021, as open_clip ships them) and the bare class name.
 ZEROSHOT_TEMPLATES: tuple[Template, ...] = (*OPENAI_IMAGENET_TEMPLATES, lambda c: c)
 CLASSNAME_SETS = {"imagenet": IMAGENET_CLASSNAMES}
+PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the linear probe's L2 weights, swept
 
 
 @dataclass
@@ -108,10 +111,43 @@ class Evaluator:
         }
 
 
+    @torch.no_grad()
+    def captioning(self, shards: str, seed: int = 0) -> dict[str, float]:
+        """Teacher-forced token accuracy of the caption decoder on `shards` (the training format: image,
+        web caption `.txt`, recaption `.re_caption.txt`), with the images and with every image zeroed
+        (the normalised mean image: one input for all, so the decoder can use only its text). The
+        decoder's inputs are the training ones at the evaluation resolution: OpenVision 1 sees the web
+        caption in its prefix; OpenVision 2 a seeded random `keep_ratio` share of the patches."""
+        cfg, transform = self.model.cfg, eval_transform(self.image_size)
+        samples = [(data, text_field(s, "txt"), text_field(s, "re_caption.txt"))
+                   for s in read_shards(expand_urls(shards)) if (data := image_bytes(s)) is not None]
+        generator = torch.Generator().manual_seed(seed)
+        totals = {"correct": 0, "zero_images_correct": 0, "tokens": 0}
+        for i in range(0, len(samples), self.batch_size):
+            chunk = samples[i:i + self.batch_size]
+            images = torch.stack([transform(Image.open(io.BytesIO(d))) for d, _, _ in chunk]).to(self.device)
+            captions = self.tokenizer.encode([r for _, _, r in chunk], cfg.caption_length, append_cls=False)
+            texts = keep = None
+            if cfg.has_text_tower:
+                texts = self.tokenizer.encode([w for _, w, _ in chunk], cfg.context_length).to(self.device)
+            else:
+                patches = (self.image_size // cfg.patch_size) ** 2
+                keep = random_keep(len(chunk), patches, cfg.kept_tokens(patches), generator=generator).to(self.device)
+            for name, pixels in (("correct", images), ("zero_images_correct", torch.zeros_like(images))):
+                out = self.model(pixels, captions.to(self.device), texts=texts, keep=keep)
+                totals[name] += int(out["caption_correct"])
+            totals["tokens"] += int(out["caption_tokens"])
+        tokens = max(totals["tokens"], 1)
+        return {"token_acc": totals["correct"] / tokens,
+                "zero_images_token_acc": totals["zero_images_correct"] / tokens,
+                "tokens": totals["tokens"], "images": len(samples)}
+
     def probe(self, train_folder: str | Path, val_folder: str | Path, k: int = 20, temperature: float = 0.07,
-              weight_decay: float = 1e-4) -> dict[str, float]:
+              weight_decays: Sequence[float] = PROBE_WEIGHT_DECAYS) -> dict[str, float]:
         """k-NN (DINO's weighted vote, arXiv:2104.14294) and a linear probe (multinomial logistic
-        regression, L-BFGS) on the pooled, normalised image features of two ImageFolder trees."""
+        regression, L-BFGS; its L2 weight chosen from `weight_decays` on a held-out share of the
+        training images, never on the validation tree) on the pooled, normalised image features of
+        two ImageFolder trees."""
         transform = eval_transform(self.image_size)
         train_set, val_set = ImageFolder(str(train_folder), transform), ImageFolder(str(val_folder), transform)
         if train_set.classes != val_set.classes:
@@ -119,17 +155,47 @@ class Evaluator:
         train_x, train_y = (t.cpu() for t in self.encode_images(train_set))  # small: fit on the CPU
         val_x, val_y = (t.cpu() for t in self.encode_images(val_set))
         classes = len(train_set.classes)
+        weight_decay = choose_weight_decay(train_x, train_y, classes, weight_decays)
         return {"knn_top1": knn_accuracy(train_x, train_y, val_x, val_y, classes, k, temperature),
                 "linear_top1": linear_probe_accuracy(train_x, train_y, val_x, val_y, classes, weight_decay),
+                "linear_weight_decay": weight_decay,
                 "train_images": len(train_set), "val_images": len(val_set), "classes": classes}
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-                 classes: int, k: int, temperature: float) -> float:
-    """Each validation image votes with its k most similar training images, weighted exp(sim / T)."""
-    sim, idx = (val_x @ train_x.T).topk(min(k, len(train_x)), dim=1)
-    votes = torch.zeros(len(val_x), classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
-    return (votes.argmax(dim=1) == val_y).float().mean().item()
+                 classes: int, k: int, temperature: float, chunk: int = 4096) -> float:
+    """Each validation image votes with its k most similar training images, weighted exp(sim / T).
+
+    Similarities are taken `chunk` validation x `chunk` training images at a time, the running top k
+    merged after each block, so memory does not grow with the training set (ImageNet's full
+    50k x 1.28M matrix would be ~256 GB)."""
+    k = min(k, len(train_x))
+    correct = 0
+    for v in range(0, len(val_x), chunk):
+        queries = val_x[v:v + chunk]
+        best = queries.new_full((len(queries), 0), float("-inf"))
+        best_idx = torch.zeros(len(queries), 0, dtype=torch.long)
+        for t in range(0, len(train_x), chunk):
+            sim = queries @ train_x[t:t + chunk].T
+            merged = torch.cat([best, sim], dim=1)
+            merged_idx = torch.cat([best_idx, torch.arange(t, t + sim.shape[1]).expand(len(queries), -1)], dim=1)
+            best, pick = merged.topk(min(k, merged.shape[1]), dim=1)
+            best_idx = merged_idx.gather(1, pick)
+        votes = torch.zeros(len(queries), classes).scatter_add_(1, train_y[best_idx], (best / temperature).exp())
+        correct += int((votes.argmax(dim=1) == val_y[v:v + chunk]).sum())
+    return correct / len(val_x)
+
+
+def choose_weight_decay(train_x: torch.Tensor, train_y: torch.Tensor, classes: int, grid: Sequence[float],
+                        held_out: float = 0.2, seed: int = 0) -> float:
+    """The grid value whose probe, fit on a seeded (1 - held_out) share of the training features, scores
+    best on the rest (the smallest such value on ties)."""
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(len(order) * (1 - held_out)))
+    fit, rest = order[:cut], order[cut:]
+    scores = [linear_probe_accuracy(train_x[fit], train_y[fit], train_x[rest], train_y[rest], classes, wd)
+              for wd in sorted(grid)]
+    return sorted(grid)[scores.index(max(scores))]
 
 
 def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
@@ -209,9 +275,11 @@ def templates_from(path: str | None) -> tuple[Template, ...]:
 def evaluate(ckpt: str | Path, *, zeroshot: str | None = None, classnames: str | None = None,
              templates: str | None = None, retrieval: str | None = None, retrieval_images: str | None = None,
              split: str = "test", probe_train: str | None = None, probe_val: str | None = None,
+             captioning: str | None = None,
              image_size: int | None = None, device: str = "cpu", batch_size: int = Evaluator.batch_size,
              workers: int = Evaluator.workers) -> dict:
-    """Run the requested evaluations; returns {"zeroshot": {...}, "retrieval": {...}, "probe": {...}}."""
+    """Run the requested evaluations; returns {"zeroshot": {...}, "retrieval": {...}, "probe": {...},
+    "captioning": {...}}."""
     ev = Evaluator.from_checkpoint(ckpt, device, image_size, batch_size=batch_size, workers=workers)
     results: dict = {"checkpoint": str(ckpt), "image_size": ev.image_size}
     if zeroshot:
@@ -220,4 +288,6 @@ def evaluate(ckpt: str | Path, *, zeroshot: str | None = None, classnames: str |
         results["retrieval"] = ev.retrieval(*load_retrieval_set(retrieval, retrieval_images, split))
     if probe_train and probe_val:
         results["probe"] = ev.probe(probe_train, probe_val)
+    if captioning:
+        results["captioning"] = ev.captioning(captioning)
     return results

@@ -300,9 +300,10 @@ class CausalDecoder(nn.Module):
         return self.out(hidden, captions[:, 1:])
 
 
-def random_keep(batch: int, patches: int, kept: int, device: torch.device | None = None) -> Tensor:
+def random_keep(batch: int, patches: int, kept: int, device: torch.device | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
     """(batch, kept) patch indices drawn without replacement, in random order (as jax.random.choice)."""
-    return torch.rand(batch, patches, device=device).argsort(dim=1)[:, :kept]
+    return torch.rand(batch, patches, device=device, generator=generator).argsort(dim=1)[:, :kept]
 
 
 class CLIPS(nn.Module):

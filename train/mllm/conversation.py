@@ -1,14 +1,22 @@
-"""Conversations -> token ids and labels, built turn by turn.
+"""Conversations -> token ids and labels, as LLaVA's `preprocess_*` (haotian-liu/LLaVA,
+`llava/train/train.py`: preprocess_plain, preprocess_v1; `llava/mm_utils.py` tokenizer_image_token).
 
-LLaVA-1.5 (haotian-liu/LLaVA, `llava/train/train.py` preprocess_v1) tokenizes the whole prompt
-and then re-tokenizes every round to find where the instructions end; when the two disagree it
-masks the whole sample and prints a warning. Here every piece (instruction, answer, stop token)
-is tokenized on its own and the pieces are concatenated, so the loss mask covers exactly the
-answer tokens and the stop token after each by construction. Generation prompts come from the
-same function, so evaluation continues the token sequence training saw.
+The conversation is rendered to one string by its template (`llava/conversation.py`:
+conv_llava_plain "<image>caption\n"; conv_vicuna_v1 "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER:
+..."), and the string is tokenised whole, cut only at `<image>` (which becomes IMAGE_ID, LLaVA's
+IMAGE_TOKEN_INDEX; the model splices the projected patches there, the LM's vocabulary is left
+untouched). Each chunk is tokenised as the tokenizer does by default, so a BOS appears only where
+the tokenizer adds one, once, in front. Prompt and answer are tokenised together: the space after
+`ASSISTANT:` is part of the answer's first token, as in LLaVA.
 
-The image placeholder `<image>` becomes IMAGE_ID (LLaVA's IMAGE_TOKEN_INDEX), which the model
-replaces with the projected patch tokens: the LM's vocabulary is left untouched.
+Labels follow LLaVA's rule: every answer and the stop text after it (`</s>` in vicuna_v1, `\n` in
+plain, `<|eot_id|>` in llama3) are supervised, everything else is IGNORE. Where LLaVA finds the
+boundaries by re-tokenising each round (and masks the whole sample when the counts disagree), they
+are found here by tokenising the rendered prefix up to each boundary (the instruction's trailing
+spaces excluded, as LLaVA's `instruction_len - 2`); a prefix whose tokens are not the first tokens
+of the whole is a ConversationError, never a silently shifted mask. Generation prompts are the
+rendered prefix up to the first answer ("... ASSISTANT:"), so evaluation continues the tokens
+training saw.
 """
 from __future__ import annotations
 
@@ -28,13 +36,13 @@ class Template:
     system: str  # before the first user message
     user: str  # before every user message
     assistant: str  # between a user message and its answer
-    stop: str | None = None  # token closing every answer (supervised); None: the tokenizer's EOS
+    stop: str | None = None  # text closing every answer (supervised); None: the tokenizer's EOS token
     keep_user_text: bool = True  # False: the user turn is the image alone (LLaVA's "plain" pretraining)
 
 
 TEMPLATES: dict[str, Template] = {
-    # Stage 1 (LLaVA conv_llava_plain): "<image>caption</s>", the instruction dropped.
-    "plain": Template("", "", "", keep_user_text=False),
+    # Stage 1 (LLaVA conv_llava_plain, sep "\n"): "<image>caption\n", the instruction dropped, no EOS.
+    "plain": Template("", "", "", stop="\n", keep_user_text=False),
     # Stage 2 and evaluation of LLaVA-1.5: "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: ...".
     "vicuna_v1": Template(SYSTEM + " ", "USER: ", " ASSISTANT: "),
     # LLaMA-3 instruct format (LLaVA-NeXT's llava_llama_3), answers closed by <|eot_id|>.
@@ -46,6 +54,10 @@ TEMPLATES: dict[str, Template] = {
 
 class ConversationError(ValueError):
     """A sample that cannot be turned into ids and labels (the message says why)."""
+
+
+class TooLong(ConversationError):
+    """A sample whose image or every answer lies beyond the length limit."""
 
 
 @dataclass
@@ -62,24 +74,33 @@ class Encoded:
         return len(self.ids) + (image_tokens - 1 if self.has_image else 0)
 
 
-def stop_id(tokenizer, template: Template) -> int:
-    token = template.stop or tokenizer.eos_token
-    if token is None:
+def stop_text(tokenizer, template: Template) -> str:
+    text = template.stop or tokenizer.eos_token
+    if text is None:
         raise ConversationError("the tokenizer has no EOS token to close answers with")
-    ids = tokenizer.convert_tokens_to_ids([token])
-    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
-        raise ConversationError(f"stop token {token!r} is not in the tokenizer's vocabulary")
-    return ids[0]
+    return text
 
 
-def tokenize_piece(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` without special tokens, `<image>` as IMAGE_ID."""
-    ids: list[int] = []
-    for i, chunk in enumerate(text.split(IMAGE)):
+def stop_id(tokenizer, template: Template) -> int:
+    """The token generation stops at: the last token of the stop text (`\n` may tokenise as two)."""
+    text = stop_text(tokenizer, template)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids or ids[-1] == tokenizer.unk_token_id:
+        raise ConversationError(f"stop text {text!r} is not in the tokenizer's vocabulary")
+    return ids[-1]
+
+
+def tokenize(tokenizer, text: str) -> list[int]:
+    """LLaVA's tokenizer_image_token: each chunk between `<image>`s tokenised as the tokenizer does by
+    default, IMAGE_ID between chunks, the tokenizer's BOS (if it adds one) kept once, in front."""
+    chunks = [list(tokenizer(chunk)["input_ids"]) for chunk in text.split(IMAGE)]
+    bos = tokenizer.bos_token_id
+    lead = 1 if bos is not None and chunks[0][:1] == [bos] else 0
+    ids = chunks[0][:lead]
+    for i, chunk in enumerate(chunks):
         if i:
             ids.append(IMAGE_ID)
-        if chunk:
-            ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+        ids.extend(chunk[lead:])
     return ids
 
 
@@ -111,25 +132,52 @@ def normalise_turns(turns: list[dict], has_image: bool) -> list[tuple[str, str]]
     return pairs
 
 
-def encode(turns: list[dict], tokenizer, template: Template, *, has_image: bool) -> Encoded:
-    """LLaVA-format turns -> ids and labels. Ending on a human turn gives a generation prompt."""
+def render(turns: list[dict], tokenizer, template: Template, *, has_image: bool,
+           close_last: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as one string and the character spans the loss covers (answer + stop text).
+
+    The space that ends an instruction belongs to the answer's span (LLaVA: "ASSISTANT: red" gives
+    ":" then " red"); a conversation ending on a human turn is a generation prompt, which ends
+    without that space ("... ASSISTANT:", LLaVA's `get_prompt` with an empty message). `close_last`
+    False leaves the last answer open (no stop text): a continuation to score.
+    """
     pairs = normalise_turns(turns, has_image)
-    stop = stop_id(tokenizer, template)
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    labels = [IGNORE] * len(ids)
-    for i, (role, text) in enumerate(pairs):
+    stop = stop_text(tokenizer, template)
+    text, spans = "", []
+    for i, (role, value) in enumerate(pairs):
         if role == "human":
             if not template.keep_user_text:
-                text = IMAGE if IMAGE in text else ""
-            piece = (template.system if i == 0 else "") + template.user + text + template.assistant
-            tokens = tokenize_piece(tokenizer, piece)
-            ids += tokens
-            labels += [IGNORE] * len(tokens)
+                value = IMAGE if IMAGE in value else ""
+            text += (template.system if i == 0 else "") + template.user + value + template.assistant
         else:
-            tokens = tokenize_piece(tokenizer, text) + [stop]
-            ids += tokens
-            labels += tokens
+            start = len(text.rstrip(" "))
+            text += value + (stop if close_last or i < len(pairs) - 1 else "")
+            spans.append((start, len(text)))
+    if pairs[-1][0] == "human":
+        text = text.rstrip(" ")
+    return text, spans
+
+
+def encode(turns: list[dict], tokenizer, template: Template, *, has_image: bool,
+           close_last: bool = True) -> Encoded:
+    """LLaVA-format turns -> ids and labels. Ending on a human turn gives a generation prompt."""
+    text, spans = render(turns, tokenizer, template, has_image=has_image, close_last=close_last)
+    ids = tokenize(tokenizer, text)
+    labels = [IGNORE] * len(ids)
+    for start, end in spans:
+        first, last = prefix_length(tokenizer, text, start, ids), prefix_length(tokenizer, text, end, ids)
+        labels[first:last] = ids[first:last]
     return Encoded(ids, labels)
+
+
+def prefix_length(tokenizer, text: str, end: int, ids: list[int]) -> int:
+    """Tokens of `text[:end]`, which must be the first tokens of `ids` (the whole text's)."""
+    if end == len(text):
+        return len(ids)
+    prefix = tokenize(tokenizer, text[:end])
+    if ids[:len(prefix)] != prefix:
+        raise ConversationError(f"tokenization mismatch: {text[:end][-40:]!r} does not end on a token boundary")
+    return len(prefix)
 
 
 def fit(sample: Encoded, max_length: int, image_tokens: int) -> Encoded:
@@ -143,8 +191,8 @@ def fit(sample: Encoded, max_length: int, image_tokens: int) -> Encoded:
     if len(sample.ids) <= keep:
         return sample
     if sample.has_image and sample.ids.index(IMAGE_ID) >= keep:
-        raise ConversationError(f"the image does not fit in max_length {max_length}")
+        raise TooLong(f"the image does not fit in max_length {max_length}")
     cut = Encoded(sample.ids[:keep], sample.labels[:keep])
     if all(label == IGNORE for label in cut.labels):
-        raise ConversationError(f"no answer token left within max_length {max_length}")
+        raise TooLong(f"no answer token left within max_length {max_length}")
     return cut

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train.mllm.conversation import IGNORE, encode, stop_id, tokenize_piece
+from train.mllm.conversation import IGNORE, encode, stop_id
 from train.mllm.data import Example, collate
 from train.mllm.model import LlavaModel
 
@@ -47,14 +47,16 @@ class Answerer:
     def device(self) -> torch.device:
         return next(self.model.lm.parameters()).device
 
-    def prompt(self, text: str, image: Image.Image | None) -> Example:
-        """The generation prompt for one question, ending where the answer starts."""
+    def prompt(self, text: str, image: Image.Image | None, answer: str | None = None) -> Example:
+        """The generation prompt for one question, ending where the answer starts; with `answer`, the
+        prompt and that answer tokenised together (as training does) with only the answer labelled."""
         if image is not None and "<image>" not in text:
             text = "<image>\n" + text
         m = self.model
-        encoded = encode([{"from": "human", "value": text}], m.tokenizer, m.template, has_image=image is not None)
-        return Example(encoded.ids, [IGNORE] * len(encoded.ids), m.tower.prep(image) if image is not None else None,
-                       text)
+        turns = [{"from": "human", "value": text}] + ([{"from": "gpt", "value": answer}] if answer is not None else [])
+        encoded = encode(turns, m.tokenizer, m.template, has_image=image is not None, close_last=False)
+        labels = encoded.labels if answer is not None else [IGNORE] * len(encoded.ids)
+        return Example(encoded.ids, labels, m.tower.prep(image) if image is not None else None, text)
 
     def batch(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         b = collate(examples)
@@ -78,14 +80,14 @@ class Answerer:
         return answers
 
     def loglikelihood(self, items: Sequence[tuple[str, str, Image.Image | None]]) -> list[tuple[float, bool]]:
-        """(summed log-probability of `continuation` after the prompt, is it the greedy continuation)."""
+        """(summed log-probability of `continuation` as the answer to the prompt, is it the greedy continuation).
+
+        Scored as training tokenises an answer: after "ASSISTANT:", the space before the continuation
+        in its first token; a continuation that starts with a space of its own keeps it."""
         results = []
         for start in range(0, len(items), self.batch_size):
-            examples = []
-            for context, continuation, image in items[start:start + self.batch_size]:
-                prompt = self.prompt(context, image)
-                tokens = tokenize_piece(self.model.tokenizer, continuation)
-                examples.append(Example(prompt.ids + tokens, prompt.labels + tokens, prompt.image, context))
+            examples = [self.prompt(context, image, continuation)
+                        for context, continuation, image in items[start:start + self.batch_size]]
             results += self.model.loglikelihood(*self.batch(examples))
         return results
 

@@ -33,8 +33,14 @@ def tokenizer_corpus() -> list[str]:
             "slight noise. The picture is simple and clean, drawn in a flat colour."]
 
 
-def build_tokenizer(vocab_size: int = 600):
-    return byte_level_bpe(tokenizer_corpus(), vocab_size, SPECIAL_TOKENS)
+def build_tokenizer(vocab_size: int = 600, extra_corpus: tuple[str, ...] = ()):
+    """Byte-level BPE that, like Llama's tokenizer, puts BOS in front of every text it encodes."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = byte_level_bpe(tokenizer_corpus() + list(extra_corpus), vocab_size, SPECIAL_TOKENS)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    return tokenizer
 
 
 def build_tiny_lm(out_dir: str | Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:

@@ -13,6 +13,7 @@ DDP by default, FSDP (`fully_shard` per decoder layer) with `fsdp`, bf16 on GPUs
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from train import distributed
 from train.metrics import RunLogger
 from train.mllm.conversation import IGNORE, TEMPLATES
-from train.mllm.data import ExampleStream, LlavaJson, WdsCaptions, make_loader
+from train.mllm.data import REASONS, ExampleStream, LlavaJson, SkipTally, WdsCaptions, make_loader
 from train.mllm.model import (
     LM_DIR,
     PROJECTOR_FILE,
@@ -56,7 +57,7 @@ class StageConfig:
     layer: int | None = None
     projector: str | None = None
     template: str = "vicuna_v1"
-    caption_field: str = "re_caption"  # wds: which caption is the target
+    caption_field: str = "re_caption.txt"  # wds: the member that is the target (`{key}.re_caption.txt`)
     caption_prompt: str = ""  # wds: the user's words after <image> (the plain template drops them)
     samples: int | None = None  # wds: samples per epoch (counted from local shards when unset)
     batch_size: int = 128  # global
@@ -68,6 +69,7 @@ class StageConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 2048
+    max_bad_fraction: float = 0.01  # unusable samples skipped (by reason) up to this share of the trained ones
     workers: int = 4
     seed: int = 0
     fsdp: bool = False
@@ -202,6 +204,7 @@ def train(cfg: StageConfig) -> Path:
                            rank=ctx.rank, world=ctx.world)
     batches = iter(make_loader(stream, cfg.micro_batch_size, cfg.workers, pin_memory=cuda))
 
+    skips = SkipTally.for_run(cfg.max_bad_fraction, total_steps * cfg.batch_size // ctx.world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     logger = RunLogger(cfg.out, ctx.is_main)
@@ -213,8 +216,10 @@ def train(cfg: StageConfig) -> Path:
     net.train()
     start = time.perf_counter()
     for step in range(1, total_steps + 1):
-        loss_sum, tokens = accumulate(net, [next(batches) for _ in range(accumulation)], ctx,
-                                      dtype if cuda and not cfg.fsdp else None)
+        micro = [next(batches) for _ in range(accumulation)]
+        for m in micro:
+            skips.add(m.pop("skipped"))
+        loss_sum, tokens = accumulate(net, micro, ctx, dtype if cuda and not cfg.fsdp else None)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -222,12 +227,27 @@ def train(cfg: StageConfig) -> Path:
         if step % cfg.log_every == 0 or step == total_steps:
             loss = distributed.all_reduce_sum(loss_sum) / tokens.clamp(min=1)
             logger.log(step, {"loss": loss.item(), "grad_norm": float(grad_norm), "tokens": float(tokens),
-                              "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start})
+                              "skipped": float(skips.total), "lr": scheduler.get_last_lr()[0],
+                              "seconds": time.perf_counter() - start})
     logger.plot()
     logger.close()
+    report_skips(skips, cfg, ctx)
     out = save_run(model, cfg, config, ctx)
     distributed.teardown(ctx)
     return out
+
+
+def report_skips(skips: SkipTally, cfg: StageConfig, ctx: distributed.Context) -> None:
+    """Skipped samples of every process, by reason: printed and written to RUN/skipped.json (with this
+    process's example names)."""
+    counts = distributed.all_reduce_sum(torch.tensor([skips.counts[r] for r in REASONS], device=ctx.device))
+    if ctx.is_main:
+        by_reason = {r: int(n) for r, n in zip(REASONS, counts.tolist(), strict=True) if n}
+        (Path(cfg.out) / "skipped.json").write_text(json.dumps({"by_reason": by_reason, "examples": skips.examples},
+                                                               indent=1) + "\n")
+        if by_reason:
+            print(f"stage {cfg.stage}: skipped {sum(by_reason.values())} unusable samples: {skips.describe()}",
+                  flush=True)
 
 
 def accumulate(net: nn.Module, micro: list[dict], ctx: distributed.Context, autocast: torch.dtype | None
@@ -242,7 +262,7 @@ def accumulate(net: nn.Module, micro: list[dict], ctx: distributed.Context, auto
     tokens = distributed.all_reduce_sum(sum((m["labels"][:, 1:] != IGNORE).sum() for m in micro).to(ctx.device))
     total = torch.zeros((), device=ctx.device)
     for k, m in enumerate(micro):
-        m = {key: v.to(ctx.device, non_blocking=True) if v is not None else None for key, v in m.items()}
+        m = {key: v.to(ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for key, v in m.items()}
         with sync_context(net, k == len(micro) - 1):  # DDP's no_sync must cover the backward too
             with torch.autocast(ctx.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                 logits, labels = net(m["ids"], m["mask"], m["images"], m["labels"])

@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "or the resumed checkpoint's); --resume needs the same value")
     p.add_argument("--shuffle-buffer", type=int, default=D.shuffle_buffer,
                    help="samples held per loader worker for shuffling (costs memory: ~image bytes each)")
+    p.add_argument("--caption-field", default=D.caption_field,
+                   help="the WebDataset member trained on as the recaption: a caption set's column C is C.txt")
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--log-every", type=int, default=D.log_every, help="steps between metric lines")
     p.add_argument("--save-every", type=int, default=D.save_every, help="steps between checkpoints")

@@ -245,3 +245,17 @@ def test_linear_probe_regulariser_is_chosen_on_held_out_training_features() -> N
     assert held_out[1e-4] > held_out[10.0]
     val_x, val_y = features(400, 1)
     assert linear_probe_accuracy(x, y, val_x, val_y, 2, 1e-4) > linear_probe_accuracy(x, y, val_x, val_y, 2, 10.0) + 0.2
+
+
+def test_the_caption_field_names_the_member_trained_on(tokenizer: CaptionTokenizer) -> None:
+    """A caption set's column C is the member `{key}.C.txt`; `--caption-field C.txt` trains on it."""
+    from pipelines.train import parse_args, train_config
+
+    raw = {"jpg": jpeg_bytes(Image.new("RGB", (40, 40), "red")), "txt": b"a web caption",
+           "re_caption.txt": b"The first caption. Two sentences.", "v2.txt": b"The second caption."}
+    default = train_config(parse_args(["--data", "D", "--out", "O"]))
+    chosen = train_config(parse_args(["--data", "D", "--out", "O", "--caption-field", "v2.txt"]))
+    for cfg, expected in ((default, "The first caption. Two sentences."), (chosen, "The second caption.")):
+        s = ShardStream([], tokenizer, image_size=32, batch_size=1, context_length=16, caption_length=24, seed=0,
+                        shuffle_buffer=1, caption_field=cfg.caption_field)
+        assert s.prepare(raw, random.Random(0))["caption"] == expected

@@ -181,12 +181,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], tokenizer: CaptionTokenizer, *, image_size: int, batch_size: int,
                  context_length: int, caption_length: int, seed: int, shuffle_buffer: int,
-                 text_views: bool = True, keep: tuple[int, int] | None = None,
+                 caption_field: str = "re_caption.txt", text_views: bool = True, keep: tuple[int, int] | None = None,
                  rank: int = 0, world: int = 1, start: dict[int, Position] | None = None, first_worker: int = 0):
         self.urls, self.tokenizer = urls, tokenizer
         self.image_size, self.batch_size = image_size, batch_size
         self.context_length, self.caption_length = context_length, caption_length
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.seed, self.shuffle_buffer, self.caption_field = seed, shuffle_buffer, caption_field
         self.text_views, self.keep = text_views, keep
         self.rank, self.world = rank, world
         self.start = start or {}
@@ -218,7 +218,7 @@ class ShardStream(IterableDataset):
             image = self.image(data, rng)
         except (OSError, ValueError, Image.DecompressionBombError):  # a broken image is bad data, not an error
             return None
-        web, recaption = text_field(raw, "txt"), text_field(raw, "re_caption.txt")
+        web, recaption = text_field(raw, "txt"), text_field(raw, self.caption_field)
         pieces = subcaptions(recaption)
         sample = {"image": image, "caption": recaption if pieces else web}  # no sentence: the web caption
         if self.text_views:

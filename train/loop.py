@@ -52,6 +52,7 @@ class TrainConfig:
     teacher_forcing: bool = False
     workers: int | None = None  # None: from the CPUs (`default_workers`), or a resumed checkpoint's
     shuffle_buffer: int = 2000
+    caption_field: str = "re_caption.txt"  # the WebDataset member that is the recaption (a caption set's C.txt)
     seed: int = 0
     log_every: int = 10
     save_every: int = 1000
@@ -174,7 +175,7 @@ def train(cfg: TrainConfig) -> Path:
     stream = ShardStream(expand_urls(cfg.data), tokenizer, image_size=cfg.image_size,
                          batch_size=cfg.batch_size // ctx.world, context_length=cfg.context_length,
                          caption_length=cfg.caption_length, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                         text_views=model_cfg.has_text_tower,
+                         caption_field=cfg.caption_field, text_views=model_cfg.has_text_tower,
                          keep=None if model_cfg.has_text_tower else (patches, model_cfg.kept_tokens(patches)),
                          rank=ctx.rank, world=ctx.world, start=positions, first_worker=step % max(1, workers))
     batches = iter(make_loader(stream, workers, pin_memory=cuda))

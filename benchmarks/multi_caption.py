@@ -100,7 +100,7 @@ class Captioner:
         processor: Any = self.engine.processor
         image = self.images[0]
         ids = [list(processor(images=[image], text=[p])["input_ids"][0]) for p in self.prompts]
-        common = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
+        common = next((i for i, (a, b) in enumerate(zip(*ids, strict=False)) if a != b), min(map(len, ids)))
         return len(ids[0]), len(ids[1]), common
 
 

@@ -155,7 +155,7 @@ class StreamingEngine:
         results: dict[str, Result] = {}
         ids = [f"generate-{i}" for i in range(len(prompts))]
         each: list[SamplingConfig | None] = list(sampling) if sampling else [None] * len(prompts)
-        for request_id, prompt, image, own in zip(ids, prompts, images, each):
+        for request_id, prompt, image, own in zip(ids, prompts, images, each, strict=True):
             try:
                 self.add(request_id, prompt, image, own)
             except RequestRejected as e:
@@ -318,7 +318,7 @@ class TransformersEngine(StreamingEngine):
             sequences = self.model.generate(**inputs, **kwargs)
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:].tolist()
         return [(b[0], self._finish(ids, min(s.max_tokens, self.max_model_len - b[3])))
-                for b, ids in zip(batch, new_tokens)]
+                for b, ids in zip(batch, new_tokens, strict=True)]
 
     def _finish(self, ids: list[int], limit: int) -> Generation:
         """Cut at the first end-of-sequence token (kept, as vLLM keeps it) or at this request's limit."""

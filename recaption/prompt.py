@@ -127,7 +127,7 @@ def with_chat_template(processor, spec: str):
 
 def _probe(processor, jinja: str | None = None) -> str:
     conversation = [{"role": role, "content": [{"type": "image"}, {"type": "text", "text": text}]}
-                    for role, text in zip(("user", "assistant", "user"), _TURNS)]
+                    for role, text in zip(("user", "assistant", "user"), _TURNS, strict=True)]
     return processor.apply_chat_template(conversation, chat_template=jinja, add_generation_prompt=True,
                                          tokenize=False)
 
@@ -165,7 +165,7 @@ def role_markers(processor) -> set[str]:
     like `user` is ordinary caption text).
     """
     conversation = [{"role": role, "content": [{"type": "text", "text": text}]}
-                    for role, text in zip(("user", "assistant", "user"), _TURNS)]
+                    for role, text in zip(("user", "assistant", "user"), _TURNS, strict=True)]
     rendered = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     between = rendered.split(_TURNS[0], 1)[-1]
     for sentinel in _TURNS[1:]:

@@ -62,7 +62,7 @@ def test_recaption_shards_give_image_caption_pairs(tmp_path: Path, tok) -> None:
     keys = [name.rsplit(" ", 1)[1] for slot in range(2) for name, _, _ in source.records(0, 0, slot, 2)]
     assert sorted(keys) == sorted(k for info in infos for k in info["labels"])
     example = next(iter(stream(source, tok, template="plain")))
-    caption = [t for t, label in zip(example.ids, example.labels) if label != IGNORE]
+    caption = [t for t, label in zip(example.ids, example.labels, strict=True) if label != IGNORE]
     assert example.ids[:2] == [tok.bos_token_id, IMAGE_ID] and caption == example.ids[2:]
     assert tok.decode(caption).startswith(("The image shows", "A single", "This is a simple"))
     assert tok.decode(caption).endswith(".\n")  # LLaVA's plain template closes the caption with "\n"

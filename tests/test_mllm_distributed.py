@@ -92,5 +92,5 @@ def test_ddp_and_fsdp_match_one_process(tmp_path: Path) -> None:
     # The sharded model saves whole: untouched by an optimizer step, it is the model it started as.
     cfg = stage2(tmp_path)
     saved, fresh = load_run(tmp_path / "fsdp-run"), prepare_model(cfg, model_config(cfg))
-    for (name, a), b in zip(saved.state_dict().items(), fresh.state_dict().values()):
+    for (name, a), b in zip(saved.state_dict().items(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

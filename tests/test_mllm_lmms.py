@@ -63,7 +63,7 @@ def test_generate_until_answers_in_request_order(plugin) -> None:
     answers = plugin.generate_until(requests)
     docs = plugin.task_dict[TASK][SPLIT]
     direct = Answerer(plugin.answerer.model, batch_size=1)
-    for r, answer in zip(requests, answers):
+    for r, answer in zip(requests, answers, strict=True):
         context, kwargs, _, doc_id, _, _ = r.args
         until = [kwargs["until"]] if isinstance(kwargs["until"], str) else kwargs["until"]
         assert answer == direct.generate([(context, docs[doc_id]["image"])], kwargs["max_new_tokens"], until)[0]
@@ -76,7 +76,7 @@ def test_loglikelihood_is_the_summed_logprob_of_the_continuation(plugin) -> None
                 request("loglikelihood", ("What shape is it?", lambda doc: doc["answer"]), 1)]
     results = plugin.loglikelihood(requests)
     model = plugin.answerer.model
-    for r, (logprob, greedy) in zip(requests, results):
+    for r, (logprob, greedy) in zip(requests, results, strict=True):
         context, target, _, doc_id, _, _ = r.args
         continuation = target if isinstance(target, str) else target(docs[doc_id])
         prompt = plugin.answerer.prompt(context, docs[doc_id]["image"])

@@ -188,7 +188,7 @@ def test_cached_greedy_decoding_matches_full_forward(model, parts) -> None:
     ids, mask, images, _ = answerer.batch(prompts)
     generated = model.generate(ids, mask, images, 5, stop_ids={-1})  # no stop: five tokens each
     assert [len(g) for g in generated] == [5, 5]
-    rows = [Example(p.ids + g, p.labels + g, p.image, p.name) for p, g in zip(prompts, generated)]
+    rows = [Example(p.ids + g, p.labels + g, p.image, p.name) for p, g in zip(prompts, generated, strict=True)]
     results = model.loglikelihood(*answerer.batch(rows))
     assert [greedy for _, greedy in results] == [True, True]
     assert all(logprob < 0 for logprob, _ in results)

@@ -204,7 +204,7 @@ def train(cfg: TrainConfig) -> Path:
 
         if step % cfg.log_every == 0 or step == stop:
             means = distributed.all_reduce_sum(torch.stack([v.float() for v in parts.values()])) / ctx.world
-            values = dict(zip(parts, means.tolist()))
+            values = dict(zip(parts, means.tolist(), strict=True))
             elapsed = time.perf_counter() - window_start
             values.update(lr=scheduler.get_last_lr()[0], images_per_s=window_steps * cfg.batch_size / elapsed)
             logger.log(step, values)

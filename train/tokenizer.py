@@ -109,7 +109,7 @@ class CaptionTokenizer:
         body = length - 1 if append_cls else length
         out = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         encodings = self.backend.encode_batch([clean(t) for t in texts], add_special_tokens=False)
-        for row, enc in zip(out, encodings):
+        for row, enc in zip(out, encodings, strict=True):
             ids = [self.bos_id, *enc.ids[: body - 2], self.eos_id]
             row[: len(ids)] = torch.tensor(ids)
             if append_cls:

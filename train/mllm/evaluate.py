@@ -185,7 +185,8 @@ def evaluate(answerer: Answerer, questions: str | Path, image_folder: str | Path
             chunk = rows[start:start + answerer.batch_size]
             texts = [question_text(r, prompt) for r in chunk]
             images = [open_image(r, image_folder, str(questions)) for r in chunk]
-            for row, text, prediction in zip(chunk, texts, answerer.generate(list(zip(texts, images)))):
+            predictions = answerer.generate(list(zip(texts, images, strict=True)))
+            for row, text, prediction in zip(chunk, texts, predictions, strict=True):
                 line = {"question_id": row["question_id"], "prompt": text, "text": prediction}
                 if has_truth:
                     line["score"] = score(row, prediction, metric)

@@ -72,7 +72,7 @@ class OpenVisionLlava(lmms):
             for start in range(0, len(members), size):
                 chunk = members[start:start + size]
                 items = [(requests[i].args[0], self.first_image(*requests[i].args[2:])) for i in chunk]
-                for i, answer in zip(chunk, self.answerer.generate(items, max_new_tokens, until)):
+                for i, answer in zip(chunk, self.answerer.generate(items, max_new_tokens, until), strict=True):
                     answers[i] = answer
         return answers
 

@@ -135,7 +135,7 @@ class LlavaModel(nn.Module):
         logprobs, greedy, valid = token_logprobs(logits, targets)
         summed = (logprobs * valid).sum(dim=1)
         all_greedy = (greedy | ~valid).all(dim=1)
-        return list(zip(summed.tolist(), all_greedy.tolist()))
+        return list(zip(summed.tolist(), all_greedy.tolist(), strict=True))
 
 
 def until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:

@@ -200,8 +200,9 @@ def peak_rss_mb() -> float:
     raise OSError("no VmHWM in /proc/self/status")
 
 
-def measure(argv: list[str], state: str, storage_name: str, n: int) -> Measured:
-    """In a fresh process: the no-op rerun (states where it is one), then planning alone."""
+def measure(argv: list[str], state: str, storage_name: str, n: int, fingerprint: str) -> Measured:
+    """In a fresh process: the no-op rerun (states where it is one), then planning alone of the version
+    `fingerprint` (pinned by the parent: pinning is part of the rerun, not of planning)."""
     started = time.perf_counter()
     from pipelines import recaption as recaption_cli
 
@@ -210,7 +211,6 @@ def measure(argv: list[str], state: str, storage_name: str, n: int) -> Measured:
     from dataset.versions import Output
     from recaption.stage import plan_captions as plan
 
-    job = pinned_job(argv)
     out = argv[argv.index("--output") + 1]
     result = Measured(storage_name, n, state, 0.0, {}, 0.0, import_s)
     if state in NO_OP_STATES:
@@ -223,7 +223,7 @@ def measure(argv: list[str], state: str, storage_name: str, n: int) -> Measured:
         result.noop_requests = dict(storage.REQUESTS)
         if code != 0 or "nothing pending" not in printed.getvalue():
             raise RuntimeError(f"the rerun was not a no-op (exit {code}):\n{printed.getvalue()[-3000:]}")
-    store = Output.open(out, job.fingerprint).store
+    store = Output.open(out, fingerprint).store
     storage.REQUESTS.clear()
     started = time.perf_counter()
     work = plan(argv[argv.index("--input") + 1], store, retry_errors=state == "errors")
@@ -345,7 +345,8 @@ def measure_size(site: Site, n: int, model: str, template: Template, rounds: int
         elif state == "versions":
             later = Output.register(out, second.fingerprint, second.caption_config(), True, RECAPTION_KINDS).store
             commit_shards(later, inputs, names, second, site.staging, template)
-        measured = [in_fresh_process(measure, run_argv(inputs, out, model, state), state, site.name, n)
+        fingerprint = (second if state == "versions" else first).fingerprint
+        measured = [in_fresh_process(measure, run_argv(inputs, out, model, state), state, site.name, n, fingerprint)
                     for _ in range(rounds)]
         result = median_of(measured)
         print(row_line(result), flush=True)

@@ -90,16 +90,16 @@ class CaptionJob:
 
     def _pinned_here(self) -> CaptionJob:
         job = replace(self, engine=self.engine.pinned())
+        processor = load_processor(job.engine)   # loaded once: it renders the identified template the same way
         if job.engine.chat_template is None:
             # The folder's own template under its name, if it renders like a named one (the converter
             # writes one): the same captions as naming it, so the same fingerprint.
-            job = replace(job, engine=replace(job.engine, chat_template=identify_chat_template(
-                load_processor(job.engine))))
+            job = replace(job, engine=replace(job.engine, chat_template=identify_chat_template(processor)))
         if self.engine.backend != "null":
+            assert job.engine.max_model_len is not None  # a pinned engine knows its context
             for column in self.columns:
                 budget = column.sampling.max_tokens
-                needed = job.request_tokens(column.prompt) + budget
-                assert job.engine.max_model_len is not None  # a pinned engine knows its context
+                needed = job.request_tokens(column.prompt, processor) + budget
                 if needed > job.engine.max_model_len:
                     raise ValueError(
                         f"--max-model-len {job.engine.max_model_len} is too short for caption {column.name!r}: "
@@ -107,10 +107,11 @@ class CaptionJob:
                         f"({needed} in all)")
         return job
 
-    def request_tokens(self, prompt: str) -> int:
+    def request_tokens(self, prompt: str, processor=None) -> int:
         """Tokens of the longest request `prompt` makes (image tokens included), over square, wide and tall
-        images at the largest size the engine is given (models that tile images count more tokens for some)."""
-        processor = load_processor(self.engine)
+        images at the largest size the engine is given (models that tile images count more tokens for some).
+        `processor`: the engine's, if already loaded."""
+        processor = processor or load_processor(self.engine)
         prompt = PromptBuilder(processor, prompt).build("")
         side = self.image.max_side
         shapes = [(side, side), (side, max(1, side // 2)), (max(1, side // 2), side)]
